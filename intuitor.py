@@ -71,6 +71,7 @@ class Args:
     epsilon: float = field(default=0.2, metadata={"help": "lower clip range: ratio >= 1 - epsilon"})
     epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range: ratio <= 1 + epsilon_high"})
     num_iterations: int = field(default=1, metadata={"help": "mu: optimizer steps per batch of rollouts"})
+    reward: str = field(default="self_certainty", metadata={"help": "reward, or weighted sum of group-normalised rewards: 'self_certainty=1'; a negative weight minimises"})
     loss_type: Literal["token", "grpo"] = field(default="token", metadata={"help": "token: mean over all completion tokens of the step (TRL's 'dapo'); grpo: mean per sequence, then over sequences"})
     max_steps: int = field(default=-1, metadata={"help": "rollout steps; -1 = one epoch over the prompts"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps with linear warmup before the cosine decay"})
@@ -103,6 +104,7 @@ def check_args(a, world_size):
     for name in ("micro_batch_size", "chunk_size", "vocab_chunk_size", "max_completion_length", "num_iterations"):
         if getattr(a, name) < 1:
             die(f"--{name} must be >= 1")
+    parse_reward(a.reward)
     if a.temperature <= 0:
         die("--temperature must be > 0 (GRPO needs distinct samples per group)")
 
@@ -391,6 +393,32 @@ def group_advantages(rewards, num_generations, eps=1e-4):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
+REWARDS = ("self_certainty",)
+
+
+def parse_reward(spec):
+    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, w = part.strip().partition("=")
+        if name not in REWARDS:
+            die(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            die(f"--reward: weight {w!r} of {name} is not a number")
+    return weights
+
+
+def mixed_advantages(rollouts, weights, num_generations):
+    """Each reward is normalised within its group separately, then weighted and summed (the official
+    implementation's semantics for several rewards); weight 0 logs a reward without training on it."""
+    total = torch.zeros(len(rollouts))
+    for name, w in weights.items():
+        total += w * group_advantages(torch.tensor([r[name] for r in rollouts]), num_generations)
+    return total
+
+
 def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high):
     """Clipped surrogate with KL penalty (paper Eq. 5), per token:
 
@@ -567,9 +595,9 @@ def train(args):
         t_sample = time.time() - t0
 
         # 3. group-normalised advantages (groups never straddle ranks)
-        rewards = torch.tensor([r["self_certainty"] for r in rollouts])
-        for r, a in zip(rollouts, group_advantages(rewards, G).tolist()):
+        for r, a in zip(rollouts, mixed_advantages(rollouts, parse_reward(args.reward), G).tolist()):
             r["advantage"] = a
+        rewards = torch.tensor([r["self_certainty"] for r in rollouts])
 
         # 4. policy update
         t0, lr = time.time(), scheduler.get_last_lr()[0]
