@@ -90,8 +90,8 @@ class Args:
 
 
 def die(msg):
-    """Bad input ends here: one line naming the fix, exit status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
+    """Bad input ends here: one line naming the fix, exit status 1, no traceback (printed by rank 0 only)."""
+    raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def check_args(a, world_size):
@@ -636,6 +636,7 @@ def train(args):
                 dist.barrier()
     if world > 1:
         dist.destroy_process_group()
+    return lm
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,0 +1,82 @@
+"""torch.distributed on CPU (gloo, 2 processes): the same program as one process, proven by its weights."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DATA, ROOT
+
+WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
+
+
+def torchrun(nproc, *argv, check=True):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", *argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def train_args(model, out, *extra):
+    return ["--model", model, "--dataset", DATA, "--prompts_per_step", "4", "--num_generations", "3",
+            "--max_completion_length", "10", "--micro_batch_size", "2", "--learning_rate", "1e-3",
+            "--output_dir", str(out), *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_two_ranks_stay_bit_identical(tiny_dir, tmp_path):
+    torchrun(2, WORKER, "train", str(tmp_path), *train_args(tiny_dir, tmp_path, "--max_steps", "3"))
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    init = torch.load(tmp_path / "rank0.pt")  # and they did move
+    from transformers import AutoModelForCausalLM
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    assert any(not torch.equal(init[k], start[k]) for k in init)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # rank 0 alone writes
+
+
+@pytest.mark.parametrize("loss_type", ["token", "grpo"])
+def test_one_step_from_fixed_rollouts_equals_single_process(tiny_dir, tmp_path, loss_type):
+    os.environ["LOSS_TYPE"] = loss_type
+    try:
+        torchrun(1, WORKER, "update", str(tmp_path / "w1.pt"), tiny_dir)
+        torchrun(2, WORKER, "update", str(tmp_path / "w2.pt"), tiny_dir)
+    finally:
+        del os.environ["LOSS_TYPE"]
+    w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff <= 1e-6, diff
+
+
+def test_checkpoints_move_between_world_sizes(tiny_dir, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(2, WORKER, "train", str(tmp_path), *train_args(tiny_dir, two, "--max_steps", "4", "--save_steps", "2"))
+    torchrun(1, WORKER, "train", str(tmp_path), *train_args(tiny_dir, one, "--max_steps", "4", "--save_steps", "2"))
+    for src, nproc, dst in ((two, 1, tmp_path / "two_to_one"), (one, 2, tmp_path / "one_to_two")):
+        os.makedirs(dst)
+        shutil.copytree(src / "checkpoint-2", dst / "checkpoint-2")
+        torchrun(nproc, WORKER, "train", str(tmp_path), *train_args(tiny_dir, dst, "--max_steps", "4", "--save_steps", "2", "--resume"))
+        resumed = metrics(dst)
+        assert [r["step"] for r in resumed] == [3, 4]
+        assert [r["train/lr"] for r in resumed] == [r["train/lr"] for r in metrics(src)[2:]]  # schedule restored
+        assert (dst / "checkpoint-4" / "model.safetensors").exists()
+
+
+def test_prompts_per_step_must_divide_by_world_size(tiny_dir, tmp_path):
+    p = torchrun(2, os.path.join(ROOT, "intuitor.py"), *train_args(tiny_dir, tmp_path / "x", "--prompts_per_step", "3"), check=False)
+    assert p.returncode != 0
+    assert p.stderr.count("error: --prompts_per_step (3) must be a positive multiple of the world size (2)") == 1
+    assert not (tmp_path / "x").exists()
