@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny Qwen2 and a tokenizer trained in-process, so no test touches the network."""
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -54,3 +56,16 @@ def tiny_dir(tmp_path_factory, tokenizer):
     make_model(tokenizer, head_scale=8.0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def torchrun(nproc, *argv, check=True):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", *argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p

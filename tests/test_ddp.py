@@ -2,29 +2,13 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, torchrun
 
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
-
-
-def torchrun(nproc, *argv, check=True):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", *argv]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr[-4000:]
-    return p
 
 
 def train_args(model, out, *extra):
