@@ -34,6 +34,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -71,7 +72,9 @@ class Args:
     epsilon: float = field(default=0.2, metadata={"help": "lower clip range: ratio >= 1 - epsilon"})
     epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range: ratio <= 1 + epsilon_high"})
     num_iterations: int = field(default=1, metadata={"help": "mu: optimizer steps per batch of rollouts"})
-    reward: str = field(default="self_certainty", metadata={"help": "reward, or weighted sum of group-normalised rewards: 'self_certainty=1'; a negative weight minimises"})
+    reward: str = field(default="self_certainty", metadata={"help": "self_certainty (INTUITOR) | accuracy (GRPO) | plurality (GRPO-PV) | neg_entropy, or a weighted mix 'self_certainty=1,accuracy=0.5'"})
+    certainty_model: Literal["policy", "reference"] = field(default="policy", metadata={"help": "who scores self-certainty: the current policy (online) or the frozen initial model (offline, Fig. 7)"})
+    answer_column: str = field(default="", metadata={"help": "gold answers for the accuracy reward/monitor; default: `answer` ('#### N' for GSM8K), else the last \\boxed{} of `solution`"})
     loss_type: Literal["token", "grpo"] = field(default="token", metadata={"help": "token: mean over all completion tokens of the step (TRL's 'dapo'); grpo: mean per sequence, then over sequences"})
     max_steps: int = field(default=-1, metadata={"help": "rollout steps; -1 = one epoch over the prompts"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps with linear warmup before the cosine decay"})
@@ -184,18 +187,32 @@ def load_rows(path, split):
         die(f"cannot load --dataset {path!r} ({str(e).splitlines()[0]}); pass a hub dataset or a local .jsonl/.parquet file")
 
 
+def gold_answers(rows, column):
+    """Gold answers, only used by the `accuracy` reward and the accuracy monitor (INTUITOR never sees them):
+    `--answer_column`, else `answer` (the text after '####' for GSM8K), else the last \\boxed{} of `solution`."""
+    from eval import last_boxed
+    if column and column not in rows.column_names:
+        die(f"--answer_column {column!r} is not a column (columns: {', '.join(rows.column_names)})")
+    column = column or next((c for c in ("answer", "solution") if c in rows.column_names), None)
+    if column is None:
+        return [None] * len(rows)
+    parse = lambda v: (v.split("####")[-1].strip().replace(",", "") if "####" in v  # noqa: E731
+                       else last_boxed(v) if column == "solution" else v.strip())
+    return [parse(str(v)) for v in rows[column]]
+
+
 def load_prompts(args, tokenizer):
-    """Tokenised prompts; those longer than max_prompt_length are skipped and counted."""
+    """Tokenised prompts with their gold answer (or None); those over max_prompt_length are skipped and counted."""
     rows = load_rows(args.dataset, args.dataset_split)
     if args.prompt_column not in rows.column_names:
         die(f"--dataset has no column {args.prompt_column!r} (columns: {', '.join(rows.column_names)}); pass --prompt_column")
     prompts, skipped = [], 0
-    for question in rows[args.prompt_column]:
+    for question, gold in zip(rows[args.prompt_column], gold_answers(rows, args.answer_column)):
         ids = tokenizer(render_prompt(tokenizer, question, args.system_prompt), add_special_tokens=False).input_ids
         if len(ids) > args.max_prompt_length:
             skipped += 1
         else:
-            prompts.append(ids)
+            prompts.append({"ids": ids, "gold": gold})
     return prompts, skipped
 
 
@@ -219,6 +236,12 @@ def self_certainty(logits):
     return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.shape[-1])
 
 
+def entropy(logits):
+    """Token entropy H(p) = logsumexp(z) - sum_j p_j z_j (nats); its negative is the `neg_entropy` reward."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
 @torch.no_grad()
 def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id):
     """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
@@ -226,7 +249,8 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     Each prompt is prefilled once (left-padded, position ids counted from its first real token) and its
     cache shared by its G samples. At every step the logits that pick token i are the ones that predict
     it, so SC(o|q) (Eq. 4) costs no extra pass. temperature == 0 means greedy decoding. Returns one dict
-    per sequence: prompt ids, completion ids (ending with the stop token unless truncated), SC, truncated."""
+    per sequence: prompt ids, completion ids (ending with the stop token unless truncated), SC, mean
+    token entropy, truncated."""
     device = next(lm.parameters()).device
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -242,10 +266,11 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
     n = logits.shape[0]
     alive = torch.ones(n, dtype=torch.bool, device=device)
-    sc_sum = torch.zeros(n, device=device)
+    sc_sum, ent_sum = torch.zeros(n, device=device), torch.zeros(n, device=device)
     tokens = []
     for t in range(max_new_tokens):
         sc_sum += torch.where(alive, self_certainty(logits), 0.0)
+        ent_sum += torch.where(alive, entropy(logits), 0.0)
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
         else:
@@ -265,7 +290,8 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     for k in range(n):
         length = next((i + 1 for i, tok in enumerate(tokens[k]) if tok in stop_ids), len(tokens[k]))
         rollouts.append(dict(prompt=prompts[k // num_generations], completion=tokens[k][:length],
-                             self_certainty=sc_sum[k].item() / length, truncated=bool(alive[k])))
+                             self_certainty=sc_sum[k].item() / length, entropy=ent_sum[k].item() / length,
+                             truncated=bool(alive[k])))
     return rollouts
 
 
@@ -393,7 +419,34 @@ def group_advantages(rewards, num_generations, eps=1e-4):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-REWARDS = ("self_certainty",)
+REWARDS = ("self_certainty", "accuracy", "plurality", "neg_entropy")
+
+
+def plurality_votes(answers):
+    """GRPO-PV: 1 for answers equal (by math-verify) to the group's most common extracted answer; ties go to
+    the answer seen first, no answer scores 0."""
+    from eval import answer_clusters
+    labels = answer_clusters(answers)
+    counts = Counter(label for label in labels if label is not None)
+    top = max(counts, key=lambda c: (counts[c], -c)) if counts else None
+    return [float(label is not None and label == top) for label in labels]
+
+
+def compute_rewards(rollouts, names, num_generations, offline=False):
+    """Per-sequence rewards by name. self_certainty: read off the sampler (online) or, if `offline`, the
+    reference pass; neg_entropy: minus the mean token entropy; accuracy: the boxed answer matches the gold one;
+    plurality: the boxed answer matches the group's plurality answer."""
+    out = {}
+    for name in names:
+        if name in ("self_certainty", "neg_entropy"):
+            key = "entropy" if name == "neg_entropy" else "self_certainty_ref" if offline else "self_certainty"
+            out[name] = [-r[key] if name == "neg_entropy" else r[key] for r in rollouts]
+        elif name == "accuracy":
+            out[name] = [float(r["correct"]) for r in rollouts]
+        else:
+            out[name] = [v for i in range(0, len(rollouts), num_generations)
+                         for v in plurality_votes([r["answer"] for r in rollouts[i:i + num_generations]])]
+    return {k: torch.tensor(v) for k, v in out.items()}
 
 
 def parse_reward(spec):
@@ -410,13 +463,10 @@ def parse_reward(spec):
     return weights
 
 
-def mixed_advantages(rollouts, weights, num_generations):
+def mixed_advantages(rewards, weights, num_generations):
     """Each reward is normalised within its group separately, then weighted and summed (the official
     implementation's semantics for several rewards); weight 0 logs a reward without training on it."""
-    total = torch.zeros(len(rollouts))
-    for name, w in weights.items():
-        total += w * group_advantages(torch.tensor([r[name] for r in rollouts]), num_generations)
-    return total
+    return sum(w * group_advantages(rewards[name], num_generations) for name, w in weights.items())
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high):
@@ -453,10 +503,26 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return t
 
 
-def optimize(model, ref, optimizer, scheduler, rollouts, args, pad_id, autocast=nullcontext):
-    """Minimise Eq. 5 over one batch of rollouts (each with an 'advantage'): num_iterations optimizer
-    steps, each accumulating gradients over micro-batches. `model` is a CompletionLogProbs, possibly
-    DDP-wrapped; `ref` a frozen CompletionLogProbs or None (beta = 0). Returns the step's metrics."""
+@torch.no_grad()
+def reference_pass(ref, rollouts, args, pad_id, autocast=nullcontext):
+    """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
+    from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
+    device = next(ref.parameters()).device
+    for i in range(0, len(rollouts), args.micro_batch_size):
+        mb = rollouts[i:i + args.micro_batch_size]
+        batch = collate(mb, pad_id, device)
+        with autocast():
+            out = ref(*batch)
+        for k, r in enumerate(mb):
+            n = len(r["completion"])
+            r["ref_logp"] = out["logp"][k, :n]
+            r["self_certainty_ref"] = out["self_certainty"][k, :n].mean().item()
+
+
+def optimize(model, optimizer, scheduler, rollouts, args, pad_id, autocast=nullcontext):
+    """Minimise Eq. 5 over one batch of rollouts (each with an 'advantage', and 'ref_logp' when beta > 0):
+    num_iterations optimizer steps, each accumulating gradients over micro-batches. `model` is a
+    CompletionLogProbs, possibly DDP-wrapped. Returns the step's metrics."""
     scorer = getattr(model, "module", model)
     device = next(scorer.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -466,11 +532,12 @@ def optimize(model, ref, optimizer, scheduler, rollouts, args, pad_id, autocast=
     total_tokens = all_reduce(sum(len(r["completion"]) for r in rollouts)).item()
     total_sequences = all_reduce(len(rollouts)).item()
 
-    # Frozen per-token log-probs: the reference model's (for the KL) and, when rollouts are reused
-    # (mu > 1), the sampling policy's (for rho). With mu = 1, pi_old = pi exactly: rho = exp(logp - logp.detach()).
+    # When rollouts are reused (mu > 1), rho needs the sampling policy's log-probs, frozen before the first
+    # update; with mu = 1, pi_old = pi exactly and rho = exp(logp - logp.detach()) = 1 with the right gradient.
     with torch.no_grad(), autocast():
-        ref_logps = [ref(*b)["logp"] if ref is not None else None for b in batches]
         old_logps = [scorer(*b)["logp"] if args.num_iterations > 1 else None for b in batches]
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)  # noqa: E731
+    ref_logps = [pad([r["ref_logp"] for r in mb]) if args.beta else None for mb in mbs]
 
     m = dict(loss=0.0, kl=0.0, clip=0.0, grad_norm=0.0)
     for it in range(args.num_iterations):
@@ -546,8 +613,11 @@ def train(args):
     if len(prompts) < args.prompts_per_step:
         die(f"only {len(prompts)} prompts fit --max_prompt_length {args.max_prompt_length} ({skipped} skipped); "
             f"lower --prompts_per_step or raise --max_prompt_length")
+    weights, has_gold = parse_reward(args.reward), any(p["gold"] is not None for p in prompts)
+    if "accuracy" in weights and not has_gold:
+        die("--reward accuracy needs gold answers: the dataset has no `answer`/`solution` column; pass --answer_column")
     ref = None
-    if args.beta > 0:
+    if args.beta > 0 or args.certainty_model == "reference":
         ref_lm = load_model(args.model, device)[0] if ckpt else copy.deepcopy(lm)
         ref_lm.requires_grad_(False).eval().to(torch.bfloat16 if bf16 else torch.float32)
         ref = CompletionLogProbs(ref_lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
@@ -591,27 +661,38 @@ def train(args):
         rollouts = []
         for i in range(0, len(batch), per_call):
             with autocast():
-                rollouts += sample(lm, batch[i:i + per_call], G, args.max_completion_length, args.temperature, stop_ids, tokenizer.pad_token_id)
+                rollouts += sample(lm, [p["ids"] for p in batch[i:i + per_call]], G, args.max_completion_length,
+                                   args.temperature, stop_ids, tokenizer.pad_token_id)
         t_sample = time.time() - t0
+        if has_gold or "plurality" in weights:  # answers: for the GRPO / GRPO-PV rewards and the accuracy monitor
+            from eval import extract_answer, is_correct
+            for k, r in enumerate(rollouts):
+                r["answer"] = extract_answer(tokenizer.decode(r["completion"], skip_special_tokens=True), "math")
+                r["correct"] = is_correct(r["answer"], batch[k // G]["gold"])
 
-        # 3. group-normalised advantages (groups never straddle ranks)
-        for r, a in zip(rollouts, mixed_advantages(rollouts, parse_reward(args.reward), G).tolist()):
+        # 3. rewards and group-normalised advantages (groups never straddle ranks)
+        t0, lr = time.time(), scheduler.get_last_lr()[0]
+        if ref is not None:
+            reference_pass(ref, rollouts, args, tokenizer.pad_token_id, autocast)
+        rewards = compute_rewards(rollouts, weights, G, offline=args.certainty_model == "reference")
+        for r, a in zip(rollouts, mixed_advantages(rewards, weights, G).tolist()):
             r["advantage"] = a
-        rewards = torch.tensor([r["self_certainty"] for r in rollouts])
 
         # 4. policy update
-        t0, lr = time.time(), scheduler.get_last_lr()[0]
         lm.train()
-        m = optimize(model, ref, optimizer, scheduler, rollouts, args, tokenizer.pad_token_id, autocast)
+        m = optimize(model, optimizer, scheduler, rollouts, args, tokenizer.pad_token_id, autocast)
         t_update = time.time() - t0
+        sc = torch.tensor([r["self_certainty"] for r in rollouts])  # the policy's, whichever model scores the reward
 
         lengths = torch.tensor([len(r["completion"]) for r in rollouts], dtype=torch.float64)
         n = all_reduce(len(rollouts)).item()
-        sc_mean = all_reduce(rewards.sum()).item() / n
+        sc_mean = all_reduce(sc.sum()).item() / n
         record = {
             "step": step + 1,
             "train/self_certainty": sc_mean,
-            "train/self_certainty_std": math.sqrt(max(all_reduce((rewards.double() ** 2).sum()).item() / n - sc_mean ** 2, 0.0)),
+            "train/self_certainty_std": math.sqrt(max(all_reduce((sc.double() ** 2).sum()).item() / n - sc_mean ** 2, 0.0)),
+            **{f"train/reward/{k}": all_reduce(v.sum()).item() / n for k, v in rewards.items()},
+            **({"train/accuracy": all_reduce(sum(r["correct"] for r in rollouts)).item() / n} if has_gold else {}),
             "train/completion_length": all_reduce(lengths.sum()).item() / n,
             "train/completion_length_max": all_reduce(lengths.max(), dist.ReduceOp.MAX).item(),
             "train/truncated_frac": all_reduce(sum(r["truncated"] for r in rollouts)).item() / n,

@@ -22,7 +22,8 @@ def fixed_update(model_dir, out, world, rank):
     torch.manual_seed(0)
     prompts = [tok(t).input_ids for t in ("What is 2 + 3?", "Let x = 4.", "Solve 3y = 12", "7 * 6")]
     rollouts = I.sample(lm, prompts, 2, 10, 1.0, [tok.eos_token_id], tok.pad_token_id)
-    for r, a in zip(rollouts, I.mixed_advantages(rollouts, {"self_certainty": 1.0}, 2).tolist()):
+    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, 2)
+    for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, 2).tolist()):
         r["advantage"] = a
     per_rank = len(rollouts) // world
     mine = rollouts[rank * per_rank:(rank + 1) * per_rank]
@@ -36,7 +37,8 @@ def fixed_update(model_dir, out, world, rank):
         model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(lm.parameters(), lr=1.0)  # weight change = gradient: Adam would amplify fp noise in tiny grads
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    I.optimize(model, I.CompletionLogProbs(ref_lm, 1.0, 8, 64), opt, sched, mine, args, tok.pad_token_id)
+    I.reference_pass(I.CompletionLogProbs(ref_lm, 1.0, 8, 64), mine, args, tok.pad_token_id)
+    I.optimize(model, opt, sched, mine, args, tok.pad_token_id)
     if rank == 0:
         torch.save(lm.state_dict(), out)
 

@@ -120,7 +120,7 @@ def test_group_advantages():
     a = I.group_advantages(r, 3)
     torch.testing.assert_close(a[:3], torch.tensor([-1.0, 0.0, 1.0]) / (1.0 + 1e-4))  # unbiased std of 1,2,3 is 1
     assert torch.equal(a[3:], torch.zeros(3))  # all-equal group: zero, not NaN
-    mixed = I.mixed_advantages([{"self_certainty": x} for x in r.tolist()], {"self_certainty": -2.0}, 3)
+    mixed = I.mixed_advantages({"self_certainty": r}, {"self_certainty": -2.0}, 3)
     torch.testing.assert_close(mixed, -2.0 * a)
 
 
@@ -163,7 +163,8 @@ def fixed_rollouts(tokenizer, lm, n_prompts=2, G=3):
     torch.manual_seed(7)
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4.")][:n_prompts]
     rollouts = I.sample(lm, prompts, G, 12, 1.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    for r, a in zip(rollouts, I.mixed_advantages(rollouts, {"self_certainty": 1.0}, G).tolist()):
+    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G)
+    for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, G).tolist()):
         r["advantage"] = a
     return rollouts
 
@@ -173,9 +174,10 @@ def one_update(tokenizer, rollouts, micro_batch_size, loss_type):
     args = SimpleNamespace(micro_batch_size=micro_batch_size, num_iterations=1, beta=0.05, epsilon=0.2,
                            epsilon_high=0.2, loss_type=loss_type, max_grad_norm=1e9)
     ref = I.CompletionLogProbs(make_model(tokenizer, seed=6, head_scale=3.0), 1.0, 8, 64)
+    I.reference_pass(ref, rollouts, args, tokenizer.pad_token_id)
     opt = torch.optim.SGD(lm.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m = I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), ref, opt, sched, rollouts, args, tokenizer.pad_token_id)
+    m = I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, args, tokenizer.pad_token_id)
     return lm, m
 
 
