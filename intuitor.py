@@ -41,7 +41,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 SYSTEM_PROMPT = (
@@ -165,7 +164,7 @@ def stop_token_ids(tokenizer, lm):
 def render_prompt(tokenizer, question, system_prompt):
     """The prompt text the model sees: chat template with the paper's system prompt.
 
-    A tokenizer without a chat template falls back to plain 'System/User/Assistant' text (with a warning)."""
+    A tokenizer without a chat template falls back to plain "System: ...\n\nUser: ...\n\nAssistant:" text."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": question}]
     if tokenizer.chat_template:
@@ -262,7 +261,7 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
     mask = mask.repeat_interleave(num_generations, 0)
     pos = pos[:, -1:].repeat_interleave(num_generations, 0)
-    stop = torch.tensor(stop_ids, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     n = logits.shape[0]
     alive = torch.ones(n, dtype=torch.bool, device=device)
@@ -297,34 +296,32 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
 # ----------------------------------------------------------------------------- streamed lm_head
 def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, with_certainty):
-    """One token chunk through the lm_head, streamed over vocabulary slices (online logsumexp).
+    """One token chunk through the lm_head, streamed over vocabulary slices: an online logsumexp keeps
+    a few numbers per token, so at most ~3 (tokens x slice) tiles exist at once.
 
     Returns the target log-prob at `temperature`, its logsumexp, and (optionally) self-certainty and
     entropy of the raw (temperature 1) distribution."""
     n, V = h.shape[0], weight.shape[0]
-    m = torch.full((n,), -math.inf, device=h.device)   # running max of z / T
-    s = torch.zeros(n, device=h.device)                # running sum of exp(z / T - m)
-    m1, s1, w1, zsum = m.clone(), s.clone(), s.clone(), s.clone()  # same at T = 1, plus sum exp*z and sum z
+    lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
     target = torch.zeros(n, device=h.device)
+    m, s, w, zsum = lse.clone(), *torch.zeros(3, n, device=h.device)  # T = 1: max, sum e^(z-m), sum e^(z-m) z, sum z
     for v0 in range(0, V, vocab_chunk):
         z = (h @ weight[v0:v0 + vocab_chunk].T).float()
-        zt = z / temperature
-        m_new = torch.maximum(m, zt.max(-1).values)
-        s = s * torch.exp(m - m_new) + torch.exp(zt - m_new[:, None]).sum(-1)
-        m = m_new
+        zt = z / temperature if temperature != 1 else z
+        lse = torch.logaddexp(lse, torch.logsumexp(zt, -1))
         hit = (targets >= v0) & (targets < v0 + z.shape[1])
         target += torch.where(hit, zt.gather(1, (targets - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
-        if with_certainty:
-            m_new = torch.maximum(m1, z.max(-1).values)
-            scale, e = torch.exp(m1 - m_new), torch.exp(z - m_new[:, None])
-            s1, w1, m1 = s1 * scale + e.sum(-1), w1 * scale + (e * z).sum(-1), m_new
+        if with_certainty:  # rescale the running sums whenever the max grows
+            m_new = torch.maximum(m, z.max(-1).values)
+            scale, e = torch.exp(m - m_new), torch.exp(z - m_new[:, None])
+            s, m = s * scale + e.sum(-1), m_new
+            w = w * scale + e.mul_(z).sum(-1)
             zsum += z.sum(-1)
-    lse = m + torch.log(s)
     stats = {"logp": target - lse, "lse": lse}
     if with_certainty:
-        lse1 = m1 + torch.log(s1)
+        lse1 = m + torch.log(s)
         stats["self_certainty"] = lse1 - zsum / V - math.log(V)
-        stats["entropy"] = lse1 - w1 / s1
+        stats["entropy"] = lse1 - w / s
     return stats
 
 
