@@ -89,6 +89,19 @@ def is_correct(pred, gold):
         return False
 
 
+def gold_answers(rows, column):
+    """Gold answers, only used by the `accuracy` reward and the accuracy monitor (INTUITOR never sees them):
+    `--answer_column`, else `answer` (the text after '####' for GSM8K), else the last \\boxed{} of `solution`."""
+    if column and column not in rows.column_names:
+        intuitor.die(f"--answer_column {column!r} is not a column (columns: {', '.join(rows.column_names)})")
+    column = column or next((c for c in ("answer", "solution") if c in rows.column_names), None)
+    if column is None:
+        return [None] * len(rows)
+    parse = lambda v: (v.split("####")[-1].strip().replace(",", "") if "####" in v  # noqa: E731
+                       else last_boxed(v) if column == "solution" else v.strip())
+    return [parse(str(v)) for v in rows[column]]
+
+
 # ----------------------------------------------------------------------------- statistics
 def wilson_interval(k, n, z=1.96):
     """95% Wilson score interval of a proportion k / n."""
@@ -159,6 +172,15 @@ def select(answers, certainties, p=0.5):
             return order[0]
         return first[max(scores, key=lambda c: (scores[c], certainties[first[c]]))]
     return {"self_certainty": order[0], "majority": winner(votes), "borda": winner(borda)}
+
+
+def plurality_votes(answers):
+    """GRPO-PV: 1 for answers equal (by math-verify) to the group's most common extracted answer; ties go to
+    the answer seen first, no answer scores 0."""
+    labels = answer_clusters(answers)
+    counts = Counter(label for label in labels if label is not None)
+    top = max(counts, key=lambda c: (counts[c], -c)) if counts else None
+    return [float(label is not None and label == top) for label in labels]
 
 
 # ----------------------------------------------------------------------------- main

@@ -34,7 +34,6 @@ import random
 import shutil
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -85,7 +84,7 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
     log_completions_steps: int = field(default=10, metadata={"help": "print a sample completion every N steps; 0 = never"})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the streamed lm_head"})
-    vocab_chunk_size: int = field(default=8192, metadata={"help": "vocabulary slice of the streamed lm_head"})
+    vocab_chunk_size: int = field(default=4096, metadata={"help": "vocabulary slice of the streamed lm_head"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={"help": "compute dtype; auto = bf16 autocast on CUDA, fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -186,26 +185,13 @@ def load_rows(path, split):
         die(f"cannot load --dataset {path!r} ({str(e).splitlines()[0]}); pass a hub dataset or a local .jsonl/.parquet file")
 
 
-def gold_answers(rows, column):
-    """Gold answers, only used by the `accuracy` reward and the accuracy monitor (INTUITOR never sees them):
-    `--answer_column`, else `answer` (the text after '####' for GSM8K), else the last \\boxed{} of `solution`."""
-    from eval import last_boxed
-    if column and column not in rows.column_names:
-        die(f"--answer_column {column!r} is not a column (columns: {', '.join(rows.column_names)})")
-    column = column or next((c for c in ("answer", "solution") if c in rows.column_names), None)
-    if column is None:
-        return [None] * len(rows)
-    parse = lambda v: (v.split("####")[-1].strip().replace(",", "") if "####" in v  # noqa: E731
-                       else last_boxed(v) if column == "solution" else v.strip())
-    return [parse(str(v)) for v in rows[column]]
-
-
 def load_prompts(args, tokenizer):
     """Tokenised prompts with their gold answer (or None); those over max_prompt_length are skipped and counted."""
     rows = load_rows(args.dataset, args.dataset_split)
     if args.prompt_column not in rows.column_names:
         die(f"--dataset has no column {args.prompt_column!r} (columns: {', '.join(rows.column_names)}); pass --prompt_column")
     prompts, skipped = [], 0
+    from eval import gold_answers
     for question, gold in zip(rows[args.prompt_column], gold_answers(rows, args.answer_column)):
         ids = tokenizer(render_prompt(tokenizer, question, args.system_prompt), add_special_tokens=False).input_ids
         if len(ids) > args.max_prompt_length:
@@ -297,7 +283,7 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 # ----------------------------------------------------------------------------- streamed lm_head
 def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, with_certainty):
     """One token chunk through the lm_head, streamed over vocabulary slices: an online logsumexp keeps
-    a few numbers per token, so at most ~3 (tokens x slice) tiles exist at once.
+    a few numbers per token, so only a handful of (tokens x slice) tiles ever exist at once.
 
     Returns the target log-prob at `temperature`, its logsumexp, and (optionally) self-certainty and
     entropy of the raw (temperature 1) distribution."""
@@ -326,7 +312,7 @@ def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, with_certa
 
 
 @torch.no_grad()
-def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=8192):
+def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096):
     """Per-token log p(target) at `temperature`, self-certainty (Eq. 4) and entropy at temperature 1,
     from hidden states (N, H) and lm_head weight (V, H); memory O(chunk_size x vocab_chunk)."""
     parts = [_lm_head_tile_stats(h[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature, vocab_chunk, True)
@@ -419,28 +405,20 @@ def group_advantages(rewards, num_generations, eps=1e-4):
 REWARDS = ("self_certainty", "accuracy", "plurality", "neg_entropy")
 
 
-def plurality_votes(answers):
-    """GRPO-PV: 1 for answers equal (by math-verify) to the group's most common extracted answer; ties go to
-    the answer seen first, no answer scores 0."""
-    from eval import answer_clusters
-    labels = answer_clusters(answers)
-    counts = Counter(label for label in labels if label is not None)
-    top = max(counts, key=lambda c: (counts[c], -c)) if counts else None
-    return [float(label is not None and label == top) for label in labels]
-
-
 def compute_rewards(rollouts, names, num_generations, offline=False):
     """Per-sequence rewards by name. self_certainty: read off the sampler (online) or, if `offline`, the
     reference pass; neg_entropy: minus the mean token entropy; accuracy: the boxed answer matches the gold one;
     plurality: the boxed answer matches the group's plurality answer."""
     out = {}
     for name in names:
-        if name in ("self_certainty", "neg_entropy"):
-            key = "entropy" if name == "neg_entropy" else "self_certainty_ref" if offline else "self_certainty"
-            out[name] = [-r[key] if name == "neg_entropy" else r[key] for r in rollouts]
+        if name == "self_certainty":
+            out[name] = [r["self_certainty_ref" if offline else "self_certainty"] for r in rollouts]
+        elif name == "neg_entropy":
+            out[name] = [-r["entropy"] for r in rollouts]
         elif name == "accuracy":
             out[name] = [float(r["correct"]) for r in rollouts]
         else:
+            from eval import plurality_votes
             out[name] = [v for i in range(0, len(rollouts), num_generations)
                          for v in plurality_votes([r["answer"] for r in rollouts[i:i + num_generations]])]
     return {k: torch.tensor(v) for k, v in out.items()}
@@ -536,7 +514,7 @@ def optimize(model, optimizer, scheduler, rollouts, args, pad_id, autocast=nullc
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)  # noqa: E731
     ref_logps = [pad([r["ref_logp"] for r in mb]) if args.beta else None for mb in mbs]
 
-    m = dict(loss=0.0, kl=0.0, clip=0.0, grad_norm=0.0)
+    m = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0)
     for it in range(args.num_iterations):
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1
@@ -553,14 +531,18 @@ def optimize(model, optimizer, scheduler, rollouts, args, pad_id, autocast=nullc
                 cm = batch[3]
                 m["loss"] += loss.item()
                 m["kl"] += (kl * cm).sum().item() / total_tokens
-                m["clip"] += (clipped & cm).sum().item() / total_tokens
+                m["clip_frac"] += (clipped & cm).sum().item() / total_tokens
         m["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), args.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    for k in ("loss", "kl", "clip"):
+    for k in ("loss", "kl", "clip_frac"):
         m[k] = all_reduce(m[k]).item()
     return m
+
+
+LOG_KEYS = ("train/self_certainty", "train/accuracy", "train/completion_length", "train/truncated_frac", "train/kl",
+            "train/loss", "train/grad_norm", "train/lr", "perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s")
 
 
 def seed_step(seed, step, rank):
@@ -679,34 +661,28 @@ def train(args):
         lm.train()
         m = optimize(model, optimizer, scheduler, rollouts, args, tokenizer.pad_token_id, autocast)
         t_update = time.time() - t0
-        sc = torch.tensor([r["self_certainty"] for r in rollouts])  # the policy's, whichever model scores the reward
 
-        lengths = torch.tensor([len(r["completion"]) for r in rollouts], dtype=torch.float64)
+        # metrics: means over all ranks' sequences
         n = all_reduce(len(rollouts)).item()
-        sc_mean = all_reduce(sc.sum()).item() / n
+        mean = lambda xs: all_reduce(float(sum(xs))).item() / n  # noqa: E731
+        sc, lengths = [r["self_certainty"] for r in rollouts], [len(r["completion"]) for r in rollouts]  # the policy's SC
         record = {
-            "step": step + 1,
-            "train/self_certainty": sc_mean,
-            "train/self_certainty_std": math.sqrt(max(all_reduce((sc.double() ** 2).sum()).item() / n - sc_mean ** 2, 0.0)),
-            **{f"train/reward/{k}": all_reduce(v.sum()).item() / n for k, v in rewards.items()},
-            **({"train/accuracy": all_reduce(sum(r["correct"] for r in rollouts)).item() / n} if has_gold else {}),
-            "train/completion_length": all_reduce(lengths.sum()).item() / n,
-            "train/completion_length_max": all_reduce(lengths.max(), dist.ReduceOp.MAX).item(),
-            "train/truncated_frac": all_reduce(sum(r["truncated"] for r in rollouts)).item() / n,
-            "train/kl": m["kl"], "train/clip_frac": m["clip"], "train/loss": m["loss"],
-            "train/grad_norm": m["grad_norm"], "train/lr": lr,
-            "perf/sample_tokens_per_s": all_reduce(lengths.sum()).item() / t_sample,
-            "perf/sample_s": t_sample, "perf/update_s": t_update,
-        }
+            "step": step + 1, "train/self_certainty": mean(sc),
+            "train/self_certainty_std": math.sqrt(max(mean(x * x for x in sc) - mean(sc) ** 2, 0.0)),
+            **{f"train/reward/{k}": mean(v.tolist()) for k, v in rewards.items()},
+            **({"train/accuracy": mean(r["correct"] for r in rollouts)} if has_gold else {}),
+            "train/completion_length": mean(lengths),
+            "train/completion_length_max": all_reduce(max(lengths), dist.ReduceOp.MAX).item(),
+            "train/truncated_frac": mean(r["truncated"] for r in rollouts),
+            **{f"train/{k}": v for k, v in m.items()}, "train/lr": lr,
+            "perf/sample_tokens_per_s": mean(lengths) * n / t_sample, "perf/sample_s": t_sample, "perf/update_s": t_update}
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            log(f"step {step + 1}/{max_steps} | sc {sc_mean:.4f} | len {record['train/completion_length']:.1f} "
-                f"(trunc {record['train/truncated_frac']:.2f}) | kl {m['kl']:.2e} | loss {m['loss']:+.4f} | "
-                f"gnorm {m['grad_norm']:.3f} | lr {record['train/lr']:.2e} | {record['perf/sample_tokens_per_s']:.0f} tok/s "
-                f"| sample {t_sample:.1f}s update {t_update:.1f}s")
+            log(f"step {step + 1}/{max_steps} | " + " | ".join(f"{k.split('/')[-1]} {record[k]:.4g}" for k in LOG_KEYS if k in record))
             if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
-                log("--- sample completion (sc %.3f) ---\n%s\n---" % (rollouts[0]["self_certainty"], tokenizer.decode(rollouts[0]["completion"])[:1000]))
+                r = rollouts[0]
+                log(f"--- sample completion (sc {r['self_certainty']:.3f}) ---\n{tokenizer.decode(r['completion'])[:1000]}\n---")
         if (args.save_steps and (step + 1) % args.save_steps == 0) or step + 1 == max_steps:
             if rank == 0:
                 save_checkpoint(args.output_dir, step + 1, lm, tokenizer, optimizer, scheduler, args)

@@ -23,45 +23,59 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import intuitor as I  # noqa: E402
 
+CHUNK, VOCAB_CHUNK = I.Args.chunk_size, I.Args.vocab_chunk_size
 
-def rss_mb():
+
+def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 # ----------------------------------------------------------------------------- 1. memory
+def run_variant(variant, h, w, targets, backward):
+    with torch.set_grad_enabled(backward):
+        if variant == "full":  # what the official trainer does: materialise all logits
+            logits = h @ w.T
+            sc = torch.logsumexp(logits, -1) - logits.mean(-1) - math.log(w.shape[0])
+            logp = torch.log_softmax(logits / 0.9, -1).gather(1, targets[:, None]).squeeze(1)
+        elif backward:
+            logp = I.StreamedLogProbs.apply(h, w, targets, 0.9, CHUNK, VOCAB_CHUNK)
+            sc = I.streamed_token_stats(h.detach(), w.detach(), targets, 1.0, CHUNK, VOCAB_CHUNK)["self_certainty"]
+        else:
+            st = I.streamed_token_stats(h, w, targets, 0.9, CHUNK, VOCAB_CHUNK)
+            logp, sc = st["logp"], st["self_certainty"]
+        if backward:
+            logp.sum().backward()
+    return sc, logp
+
+
 def memory_child(variant, tokens, hidden, vocab, backward, device):
     """Runs in its own process: prints the peak memory added by `variant` beyond its inputs (and W's gradient)."""
     torch.manual_seed(0)
-    h = (torch.randn(tokens, hidden, device=device) * 0.5).requires_grad_(backward)
-    w = (torch.randn(vocab, hidden, device=device) * 0.05).requires_grad_(backward)
+    h = torch.randn(tokens, hidden, device=device).mul_(0.5).requires_grad_(backward)  # in place: no setup peak
+    w = torch.randn(vocab, hidden, device=device).mul_(0.05).requires_grad_(backward)
     targets = torch.randint(0, vocab, (tokens,), device=device)
     grad_w_mb = vocab * hidden * 4 / 2**20 if backward else 0.0
     cuda = device == "cuda"
+    run_variant(variant, h[:16].detach().requires_grad_(backward), w[:1000].detach().requires_grad_(backward),
+                targets[:16] % 1000, backward)  # warm up the math libraries' own buffers outside the measurement
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = rss_mb()
+        base = current_rss_mb()
+        assert peak_rss_mb() < base + 64, "setup left a memory peak that would hide the measurement"
     t0 = time.time()
-    with torch.set_grad_enabled(backward):
-        if variant == "full":  # what the official trainer does: materialise all logits
-            logits = h @ w.T
-            sc = torch.logsumexp(logits, -1) - logits.mean(-1) - math.log(vocab)
-            logp = torch.log_softmax(logits / 0.9, -1).gather(1, targets[:, None]).squeeze(1)
-        else:
-            if backward:
-                logp = I.StreamedLogProbs.apply(h, w, targets, 0.9, 1024, 8192)
-                sc = I.streamed_token_stats(h.detach(), w.detach(), targets, 1.0, 1024, 8192)["self_certainty"]
-            else:
-                st = I.streamed_token_stats(h, w, targets, 0.9, 1024, 8192)
-                logp, sc = st["logp"], st["self_certainty"]
-        if backward:
-            logp.sum().backward()
+    sc, logp = run_variant(variant, h, w, targets, backward)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.time() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else rss_mb()
+    peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else peak_rss_mb()
     out = {"extra_mb": peak - base - grad_w_mb, "seconds": seconds,
            "sc": sc.detach().double().cpu().tolist(), "logp": logp.detach().double().cpu().tolist()}
     if backward:
@@ -74,8 +88,11 @@ def memory(args):
     for backward in (False, True):
         res = {}
         for variant in ("full", "streamed"):
+            # A fixed mmap threshold makes glibc return every freed tile to the OS at once; its default dynamic
+            # threshold keeps some in the heap and the peak RSS would then measure fragmentation, not tensors.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             p = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(args.tokens), str(args.hidden),
-                                str(args.vocab), str(int(backward)), args.device], capture_output=True, text=True)
+                                str(args.vocab), str(int(backward)), args.device], capture_output=True, text=True, env=env)
             if p.returncode:
                 res[variant] = None
                 print(f"{variant} ({'fwd+bwd' if backward else 'fwd'}) failed: {p.stderr.strip().splitlines()[-1]}")
@@ -99,7 +116,7 @@ def memory(args):
 # ----------------------------------------------------------------------------- shared model setup
 def model_dir(args):
     """A saved model directory: the tiny random Qwen2 of the tests, or the GGUF converted once."""
-    path = os.path.join(tempfile.gettempdir(), "intuitor-bench-" + ("tiny" if not args.gguf else os.path.basename(args.gguf)))
+    path = os.path.join(tempfile.gettempdir(), "intuitor-bench-" + (os.path.basename(args.gguf).split(".")[0] if args.gguf else "tiny"))
     if not os.path.exists(os.path.join(path, "config.json")):
         if args.gguf:
             lm, tok = I.load_model(args.gguf, "cpu")
@@ -118,7 +135,9 @@ def step_ours(path, a, out):
            "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G), "--max_completion_length", str(a.length),
            "--micro_batch_size", str(a.mbs), "--beta", str(a.beta), "--max_steps", str(a.steps), "--save_steps", "0",
            "--output_dir", out, "--learning_rate", "1e-6"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit("intuitor.py failed: " + p.stderr[-2000:])
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # first step warms up
     return [r["perf/sample_s"] + r["perf/update_s"] for r in recs]
 

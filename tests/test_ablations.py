@@ -9,14 +9,15 @@ import torch
 
 from conftest import DATA, make_model
 from test_intuitor import metrics, naive_entropy, naive_self_certainty, run, small_run
+import eval as E
 import intuitor as I
 
 
 def test_plurality_votes():
-    assert I.plurality_votes(["3", "3", "5", None]) == [1, 1, 0, 0]
-    assert I.plurality_votes(["5", "3", "3", "5"]) == [1, 0, 0, 1]          # tie: the answer seen first
-    assert I.plurality_votes(["0.5", "\\frac{1}{2}", "2"]) == [1, 1, 0]     # equivalent answers vote together
-    assert I.plurality_votes([None, None]) == [0, 0]                        # no answer scores 0
+    assert E.plurality_votes(["3", "3", "5", None]) == [1, 1, 0, 0]
+    assert E.plurality_votes(["5", "3", "3", "5"]) == [1, 0, 0, 1]          # tie: the answer seen first
+    assert E.plurality_votes(["0.5", "\\frac{1}{2}", "2"]) == [1, 1, 0]     # equivalent answers vote together
+    assert E.plurality_votes([None, None]) == [0, 0]                        # no answer scores 0
 
 
 def test_compute_rewards():
