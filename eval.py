@@ -183,6 +183,39 @@ def plurality_votes(answers):
     return [float(label is not None and label == top) for label in labels]
 
 
+# ----------------------------------------------------------------------------- training curves
+def plot_metrics(path, out=None):
+    """One PNG of a run's curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        intuitor.die("plotting needs matplotlib: pip install matplotlib")
+    if not os.path.isfile(path):
+        intuitor.die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl")
+    recs = [json.loads(line) for line in open(path)]
+    panels = [("self-certainty", ["train/self_certainty", "train/reward/self_certainty"]),
+              ("completion length (tokens)", ["train/completion_length", "train/completion_length_max"]),
+              ("KL to initial model", ["train/kl"]), ("accuracy (monitor)", ["train/accuracy"])]
+    panels = [(t, [k for k in keys if any(k in r for r in recs)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            if k == "train/reward/self_certainty" and recs[0].get(k) == recs[0].get("train/self_certainty"):
+                continue  # online: the reward is the policy's own SC, already drawn
+            ax.plot([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r], label=k.split("/", 1)[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = out or os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def load_problems(a):
     name, config, column = HUB[a.benchmark]

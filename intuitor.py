@@ -250,33 +250,36 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     n = logits.shape[0]
-    alive = torch.ones(n, dtype=torch.bool, device=device)
-    sc_sum, ent_sum = torch.zeros(n, device=device), torch.zeros(n, device=device)
-    tokens = []
+    rows = torch.arange(n, device=device)  # which sequence each row of the shrinking batch belongs to
+    sc_sum, ent_sum, length = (torch.zeros(n, device=device) for _ in range(3))
+    tokens = torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        sc_sum += torch.where(alive, self_certainty(logits), 0.0)
-        ent_sum += torch.where(alive, entropy(logits), 0.0)
+        sc_sum[rows] += self_certainty(logits)
+        ent_sum[rows] += entropy(logits)
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
         else:
             nxt = logits.argmax(-1)
-        nxt = torch.where(alive, nxt, pad_id)
-        tokens.append(nxt)
-        alive = alive & ~torch.isin(nxt, stop)
-        if not alive.any() or t == max_new_tokens - 1:
+        tokens[rows, t] = nxt
+        length[rows] += 1
+        done = torch.isin(nxt, stop)
+        if done.all() or t == max_new_tokens - 1:
             break
+        if done.any():  # finished sequences leave the batch (and the KV cache): no compute is spent on them
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos + 1
         out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
 
-    tokens = torch.stack(tokens, 1).tolist()
+    truncated = torch.zeros(n, dtype=torch.bool, device=device)
+    truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
     rollouts = []
-    for k in range(n):
-        length = next((i + 1 for i, tok in enumerate(tokens[k]) if tok in stop_ids), len(tokens[k]))
-        rollouts.append(dict(prompt=prompts[k // num_generations], completion=tokens[k][:length],
-                             self_certainty=sc_sum[k].item() / length, entropy=ent_sum[k].item() / length,
-                             truncated=bool(alive[k])))
+    for k, (toks, m) in enumerate(zip(tokens.tolist(), length.long().tolist())):
+        rollouts.append(dict(prompt=prompts[k // num_generations], completion=toks[:m], self_certainty=sc_sum[k].item() / m,
+                             entropy=ent_sum[k].item() / m, truncated=bool(truncated[k])))
     return rollouts
 
 
@@ -700,4 +703,8 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    train(parse_args(sys.argv[1:]))
+    if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [out.png]
+        from eval import plot_metrics
+        plot_metrics(*sys.argv[2:4])
+    else:
+        train(parse_args(sys.argv[1:]))

@@ -127,3 +127,18 @@ def test_eval_under_torchrun_gathers_all_problems_in_order(tiny_dir, tmp_path):
     two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
     assert [r["index"] for r in two] == list(range(6))
     assert [r["completion"] for r in two] == [r["completion"] for r in one]  # greedy: sharding changes nothing
+
+
+def test_plot_subcommand(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "train/self_certainty": 0.1 * i, "train/completion_length": 10 + i,
+                                           "train/kl": 0.01 * i, "train/accuracy": 0.5}) + "\n" for i in range(1, 5)))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "intuitor.py"), "plot", str(metrics), str(tmp_path / "c.png")],
+                       capture_output=True, text=True)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # optional dependency: a clear line instead
+        assert p.returncode != 0 and "pip install matplotlib" in p.stderr and "Traceback" not in p.stderr
+        return
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

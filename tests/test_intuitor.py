@@ -80,7 +80,7 @@ def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokeniz
     lm = make_model(tokenizer, seed=3, head_scale=4.0)
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Compute 7 * 6 = 42, so the final answer", "x")]
     assert len({len(p) for p in prompts}) == 3  # different lengths -> left padding
-    stop = list(range(40, 70))  # many stop ids, so sequences end at different steps
+    stop = list(range(40, 52))  # many stop ids, so sequences end at different steps
     torch.manual_seed(0)
     rollouts = I.sample(lm, prompts, 3, 24, 1.0, stop, tokenizer.pad_token_id)
     lengths = [len(r["completion"]) for r in rollouts]
