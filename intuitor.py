@@ -339,10 +339,18 @@ class StreamedLogProbs(torch.autograd.Function):
             lse.append(st["lse"])
         ctx.save_for_backward(h, weight, targets, torch.cat(lse))
         ctx.conf = temperature, chunk_size, vocab_chunk
+        # backward recomputes the logits: it must do so at the forward's precision, or p = exp(z - lse) drifts
+        ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
         return torch.cat(logp)
 
     @staticmethod
     def backward(ctx, grad):
+        device_type, enabled, dtype = ctx.amp
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return StreamedLogProbs._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         h, weight, targets, lse = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk = ctx.conf
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -623,10 +631,8 @@ def train(args):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        kept = []
-        if ckpt and os.path.exists(metrics_path):  # drop records of steps that will be redone
-            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as f:
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start] if ckpt and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # records of steps that will be redone are dropped
             f.writelines(kept)
         log(f"{len(prompts)} prompts ({skipped} over {args.max_prompt_length} tokens skipped), {max_steps} steps, "
             f"{world} rank(s) on {device.type}{', bf16 autocast' if bf16 else ''}" + (f", resumed from {ckpt}" if ckpt else ""))
