@@ -538,11 +538,10 @@ def optimize(model, optimizer, scheduler, rollouts, args, pad_id, autocast=nullc
                 loss = aggregate_loss(loss_tok, batch[3], args.loss_type, total_tokens, total_sequences)
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
                 (loss * world).backward()
-            if it == 0:
-                cm = batch[3]
-                m["loss"] += loss.item()
-                m["kl"] += (kl * cm).sum().item() / total_tokens
-                m["clip_frac"] += (clipped & cm).sum().item() / total_tokens
+            mu, cm = args.num_iterations, batch[3]  # metrics: averages over the mu passes of the step
+            m["loss"] += loss.item() / mu
+            m["kl"] += (kl * cm).sum().item() / total_tokens / mu
+            m["clip_frac"] += (clipped & cm).sum().item() / total_tokens / mu
         m["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), args.max_grad_norm).item()
         optimizer.step()
         scheduler.step()

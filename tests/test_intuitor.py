@@ -274,3 +274,14 @@ def test_bad_input_fails_with_one_clear_line(tiny_dir, tmp_path, argv, needle):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len(err) == 1 and needle in err[0], p.stderr
     assert not out.exists()  # nothing half-written
+
+
+def test_reused_rollouts_gradient_checkpointing_and_grpo_loss(tiny_dir, tmp_path):
+    # mu = 2: the second optimizer step reuses the rollouts, with rho against the stored sampling log-probs
+    small_run(tiny_dir, tmp_path, "--max_steps", "2", "--num_iterations", "2", "--gradient_checkpointing",
+              "--loss_type", "grpo", "--learning_rate", "5e-2", "--save_steps", "0")
+    recs = metrics(tmp_path)
+    assert len(recs) == 2 and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in recs)
+    assert any(r["train/clip_frac"] > 0 for r in recs)  # pi moved away from pi_old in the second pass
+    state = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 4  # 2 steps x 2 optimizer steps each
