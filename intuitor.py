@@ -4,8 +4,7 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
 
     1 GPU / CPU : python intuitor.py --model Qwen/Qwen2.5-1.5B
     8 GPUs      : torchrun --standalone --nproc_per_node=8 intuitor.py --model Qwen/Qwen2.5-1.5B
-    tiny CPU run: python intuitor.py --model PATH --dataset data.jsonl --prompts_per_step 2 \
-                      --num_generations 4 --max_completion_length 64 --max_steps 3
+    curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
 The algorithm, one optimizer step (paper Sec. 3, Eq. 4-6):
   1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau);
@@ -130,9 +129,8 @@ def load_model(name, device):
         die(f"cannot load --model {name!r} ({str(e).splitlines()[0]}); pass a hub id, a local model directory or a .gguf file")
     if getattr(lm.config, "quantization_config", None) is not None:
         # GGUF weights arrive dequantised but tagged as quantised, which save_pretrained refuses: rebuild plainly.
-        config = lm.config
-        del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        del lm.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
         plain.load_state_dict(lm.state_dict())
         lm = plain
     head = lm.get_output_embeddings()
@@ -332,16 +330,13 @@ class StreamedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
-        logp, lse = [], []
-        for i in range(0, h.shape[0], chunk_size):
-            st = _lm_head_tile_stats(h[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature, vocab_chunk, False)
-            logp.append(st["logp"])
-            lse.append(st["lse"])
-        ctx.save_for_backward(h, weight, targets, torch.cat(lse))
+        parts = [_lm_head_tile_stats(h[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature, vocab_chunk, False)
+                 for i in range(0, h.shape[0], chunk_size)]
+        ctx.save_for_backward(h, weight, targets, torch.cat([p["lse"] for p in parts]))
         ctx.conf = temperature, chunk_size, vocab_chunk
         # backward recomputes the logits: it must do so at the forward's precision, or p = exp(z - lse) drifts
         ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
-        return torch.cat(logp)
+        return torch.cat([p["logp"] for p in parts])
 
     @staticmethod
     def backward(ctx, grad):
@@ -404,15 +399,7 @@ class CompletionLogProbs(torch.nn.Module):
         return {k: scatter(v) for k, v in streamed_token_stats(h, weight, targets, *self.conf).items()}
 
 
-# ----------------------------------------------------------------------------- advantages and loss
-def group_advantages(rewards, num_generations, eps=1e-4):
-    """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
-
-    std is the unbiased sample std, as in TRL; a group of equal rewards gets A = 0, never NaN."""
-    r = rewards.view(-1, num_generations)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
-
-
+# ----------------------------------------------------------------------------- rewards
 REWARDS = ("self_certainty", "accuracy", "plurality", "neg_entropy")
 
 
@@ -447,6 +434,15 @@ def parse_reward(spec):
         except ValueError:
             die(f"--reward: weight {w!r} of {name} is not a number")
     return weights
+
+
+# ----------------------------------------------------------------------------- advantages and loss
+def group_advantages(rewards, num_generations, eps=1e-4):
+    """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
+
+    std is the unbiased sample std, as in TRL; a group of equal rewards gets A = 0, never NaN."""
+    r = rewards.view(-1, num_generations)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
 def mixed_advantages(rewards, weights, num_generations):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DATA, make_model
+from conftest import make_model
 from test_intuitor import metrics, naive_entropy, naive_self_certainty, run, small_run
 import eval as E
 import intuitor as I

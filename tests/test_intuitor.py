@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import DATA, ROOT, make_model
 import intuitor as I
