@@ -203,7 +203,7 @@ def plot_metrics(path, out=None):
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
-            if k == "train/reward/self_certainty" and recs[0].get(k) == recs[0].get("train/self_certainty"):
+            if k == "train/reward/self_certainty" and all(abs(r[k] - r["train/self_certainty"]) < 1e-4 for r in recs):
                 continue  # online: the reward is the policy's own SC, already drawn
             ax.plot([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r], label=k.split("/", 1)[1])
         ax.set_title(title)
