@@ -237,12 +237,13 @@ def summarize(records, a):
     n = len(records)
     samples = [s for r in records for s in (r["samples"] if a.n > 1 else [r])]
     k = sum(s["correct"] for s in samples)  # with n > 1: the accuracy of a single sample
+    mean = lambda xs: sum(xs) / max(len(samples), 1)  # noqa: E731  (over all samples)
     out = {"benchmark": a.benchmark, "model": a.model, "n_problems": n, "samples_per_problem": a.n,
-           "accuracy": k / max(len(samples), 1), "accuracy_ci95": wilson_interval(k, len(samples)),
-           "mean_length": sum(s["length"] for s in samples) / max(len(samples), 1),
-           "truncated_frac": sum(s["truncated"] for s in samples) / max(len(samples), 1),
-           "boxed_frac": sum(last_boxed(s["completion"]) is not None for s in samples) / max(len(samples), 1),
-           "mean_self_certainty": sum(s["self_certainty"] for s in samples) / max(len(samples), 1)}
+           "accuracy": mean([s["correct"] for s in samples]), "accuracy_ci95": wilson_interval(k, len(samples)),
+           "mean_length": mean([s["length"] for s in samples]),
+           "truncated_frac": mean([s["truncated"] for s in samples]),
+           "boxed_frac": mean([last_boxed(s["completion"]) is not None for s in samples]),
+           "mean_self_certainty": mean([s["self_certainty"] for s in samples])}
     right = [s["self_certainty"] for s in samples if s["correct"]]
     wrong = [s["self_certainty"] for s in samples if not s["correct"]]
     out["self_certainty_vs_correctness"] = {
