@@ -6,40 +6,35 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
     8 GPUs      : torchrun --standalone --nproc_per_node=8 intuitor.py --model Qwen/Qwen2.5-1.5B
     curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
-The algorithm, one optimizer step (paper Sec. 3, Eq. 4-6):
+The algorithm, one optimizer step (paper Sec. 3, Eq. 3-5):
   1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau);
   2. reward each by its self-certainty SC(o|q) = 1/|o| sum_i KL(U || p(.|q, o_<i)), read off the logits
      the sampler computes anyway (no extra forward pass, temperature 1 = the raw distribution);
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
   4. minimise the clipped surrogate + beta * KL(pi || pi_ref) with the k3 estimator.
 
-Design choices worth knowing before you fork:
-  - Token log-probs and self-certainty come from hidden states through a chunked, vocabulary-streamed
-    lm_head (running max / sum-exp), forward *and* backward, so no (tokens x |V|) tensor ever exists.
-  - The distribution that predicts completion token i is read at position i-1 (the official code's
-    `logits[:, -C:]` is off by one).
-  - On GPU the policy keeps fp32 master weights and runs under bf16 autocast: at lr 3e-6, updates to
-    pure-bf16 weights are mostly rounded away. The frozen reference model is stored in bf16.
-  - Randomness is re-seeded from (seed, step, rank) at every step, so a resumed run samples exactly what
-    an uninterrupted one would, on any number of ranks, with no RNG state in the checkpoint.
-  - DDP (torchrun) is detected from the environment; all G completions of a prompt live on one rank, so
-    group statistics are local, and the loss normaliser (token count) is global.
+The file reads in that order, then the loop; an appendix holds a vocabulary-streamed lm_head (no tokens x |V|
+tensor, forward or backward). common.py holds what training and eval.py share: models, data, grading, runs.
+Before you fork: token i is scored at position i-1 (the official `logits[:, -C:]` is off by one); on GPU the
+policy keeps fp32 master weights under bf16 autocast; every step re-seeds from (seed, step, rank), so a resumed
+run samples what an uninterrupted one would; a prompt's G completions share a rank; the loss normaliser is global.
 """
+
 import copy
-import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+import common
+from common import die
 
 SYSTEM_PROMPT = (
     "You are a helpful AI Assistant, designed to provided well-reasoned and detailed responses. You FIRST "
@@ -50,173 +45,97 @@ SYSTEM_PROMPT = (
 
 
 # ----------------------------------------------------------------------------- arguments
+def arg(default, help):
+    """A command-line flag: its default and the help line `--help` prints."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
-    model: str = field(default="Qwen/Qwen2.5-1.5B", metadata={"help": "hub id, local directory or local .gguf file"})
-    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub dataset or local .json/.jsonl/.parquet"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
-    prompt_column: str = field(default="problem", metadata={"help": "column holding the question"})
-    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "system message of the chat template ('' for none)"})
-    num_generations: int = field(default=7, metadata={"help": "G: completions sampled per prompt (group size)"})
-    prompts_per_step: int = field(default=128, metadata={"help": "prompts per optimizer step, summed over all ranks"})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
-    generation_batch_size: int = field(default=0, metadata={"help": "sequences sampled at once per rank; 0 = all of the step"})
-    max_prompt_length: int = field(default=512, metadata={"help": "longer prompts are skipped (and counted)"})
-    max_completion_length: int = field(default=3072, metadata={"help": "new tokens per completion"})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature; log-probs use logits / temperature"})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW peak learning rate"})
-    beta: float = field(default=0.005, metadata={"help": "weight of KL(pi || pi_ref); 0 skips the reference model"})
-    epsilon: float = field(default=0.2, metadata={"help": "lower clip range: ratio >= 1 - epsilon"})
-    epsilon_high: float = field(default=0.2, metadata={"help": "upper clip range: ratio <= 1 + epsilon_high"})
-    num_iterations: int = field(default=1, metadata={"help": "mu: optimizer steps per batch of rollouts"})
-    reward: str = field(default="self_certainty", metadata={"help": "self_certainty (INTUITOR) | accuracy (GRPO) | plurality (GRPO-PV) | neg_entropy, or a weighted mix 'self_certainty=1,accuracy=0.5'"})
-    certainty_model: Literal["policy", "reference"] = field(default="policy", metadata={"help": "who scores self-certainty: the current policy (online) or the frozen initial model (offline, Fig. 7)"})
-    answer_column: str = field(default="", metadata={"help": "gold answers for the accuracy reward/monitor; default: `answer` ('#### N' for GSM8K), else the last \\boxed{} of `solution`"})
-    loss_type: Literal["token", "grpo"] = field(default="token", metadata={"help": "token: mean over all completion tokens of the step (TRL's 'dapo'); grpo: mean per sequence, then over sequences"})
-    max_steps: int = field(default=-1, metadata={"help": "rollout steps; -1 = one epoch over the prompts"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps with linear warmup before the cosine decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    seed: int = field(default=42, metadata={"help": "seed for the data order and sampling"})
-    output_dir: str = field(default="runs/intuitor", metadata={"help": "metrics.jsonl and checkpoint-N/ go here"})
-    save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
-    log_completions_steps: int = field(default=10, metadata={"help": "print a sample completion every N steps; 0 = never"})
-    chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the streamed lm_head"})
-    vocab_chunk_size: int = field(default=4096, metadata={"help": "vocabulary slice of the streamed lm_head"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={"help": "compute dtype; auto = bf16 autocast on CUDA, fp32 on CPU"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    # model and data
+    model: str = arg("Qwen/Qwen2.5-1.5B", "hub id, local directory or local .gguf file")
+    dataset: str = arg("DigitalLearningGmbH/MATH-lighteval", "hub dataset or local .json/.jsonl/.parquet")
+    dataset_split: str = arg("train", "split of a hub dataset")
+    prompt_column: str = arg("problem", "column holding the question")
+    answer_column: str = arg("", "gold answers (accuracy reward/monitor); default `answer`, else `solution`")
+    system_prompt: str = arg(SYSTEM_PROMPT, "system message of the chat template ('' for none)")
+    # sampling (step 1)
+    num_generations: int = arg(7, "G: completions sampled per prompt (group size)")
+    prompts_per_step: int = arg(128, "prompts per optimizer step, summed over all ranks")
+    generation_batch_size: int = arg(0, "sequences sampled at once per rank; 0 = all of the step")
+    max_prompt_length: int = arg(512, "longer prompts are skipped (and counted)")
+    max_completion_length: int = arg(3072, "new tokens per completion")
+    temperature: float = arg(0.9, "sampling temperature; log-probs use logits / temperature")
+    # reward (step 2)
+    reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
+    certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
+    # loss and optimizer (steps 3-4)
+    beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model")
+    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high")
+    loss_type: Literal["token", "grpo"] = arg("token", "token: mean over the step's tokens; grpo: over sequences")
+    num_iterations: int = arg(1, "mu: optimizer steps per batch of rollouts")
+    micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation)")
+    learning_rate: float = arg(3e-6, "AdamW peak learning rate")
+    warmup_ratio: float = arg(0.1, "fraction of optimizer steps with linear warmup before the cosine decay")
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_steps: int = arg(-1, "rollout steps; -1 = one epoch over the prompts")
+    seed: int = arg(42, "seed for the data order and sampling")
+    # run, checkpoints, logging
+    output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here")
+    save_steps: int = arg(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint")
+    overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
+    save_total_limit: int = arg(2, "keep the newest N checkpoints (the older one backs up a torn newest); 0 = all")
+    log_completions_steps: int = arg(10, "print a sample completion every N steps; 0 = never")
+    # memory and precision
+    chunk_size: int = arg(1024, "tokens per chunk of the streamed lm_head")
+    vocab_chunk_size: int = arg(4096, "vocabulary slice of the streamed lm_head")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto = cuda when available")
 
 
-def die(msg):
-    """Bad input ends here: one line naming the fix, exit status 1, no traceback (printed by rank 0 only)."""
-    raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+# Flags that --resume may change: they do not change what the run computes.
+MAY_CHANGE_ON_RESUME = set(
+    """max_steps save_steps save_total_limit resume overwrite_output_dir device output_dir
+    log_completions_steps micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing""".split()
+)
 
 
-def check_args(a, world_size):
-    if a.num_generations < 2:
-        die("--num_generations must be >= 2: advantages are normalised within a group of completions")
-    if a.prompts_per_step < 1 or a.prompts_per_step % world_size:
-        die(f"--prompts_per_step ({a.prompts_per_step}) must be a positive multiple of the world size ({world_size})")
-    if a.generation_batch_size % a.num_generations:
-        die(f"--generation_batch_size ({a.generation_batch_size}) must be a multiple of --num_generations")
-    for name in ("micro_batch_size", "chunk_size", "vocab_chunk_size", "max_completion_length", "num_iterations"):
-        if getattr(a, name) < 1:
-            die(f"--{name} must be >= 1")
-    parse_reward(a.reward)
-    if a.temperature <= 0:
-        die("--temperature must be > 0 (GRPO needs distinct samples per group)")
+# ----------------------------------------------------------------------------- 1. sampling
+@dataclass
+class Rollout:
+    """One sampled completion and what the step learns about it; each field is filled by the stage named."""
+
+    # sample(): the completion and the sampling distribution's statistics
+    prompt: list  # prompt token ids (unpadded)
+    completion: list  # sampled token ids, ending with a stop token unless truncated
+    self_certainty: float  # Eq. 4 under the policy that sampled it: the online INTUITOR reward
+    entropy: float  # mean token entropy (nats) of the same distributions
+    truncated: bool  # cut off by max_completion_length
+    # grade(): only when a reward or the accuracy monitor needs the final answer
+    answer: str | None = None  # extracted final answer
+    correct: bool = False  # answer equals the gold one
+    # reference_pass(): only when beta > 0 or certainty_model == "reference"
+    ref_logp: torch.Tensor | None = None  # per-token log-probs under the frozen initial model, for the KL
+    self_certainty_ref: float | None = None  # Eq. 4 under the frozen initial model: the offline reward
+    # train loop: group-normalised reward (Eq. 3)
+    advantage: float = 0.0
 
 
-# ----------------------------------------------------------------------------- model and data
-def load_model(name, device):
-    """Policy + tokenizer from a hub id, a local directory, or a local .gguf file (dequantised to fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    kwargs = {}
-    if name.endswith(".gguf"):
-        try:
-            import accelerate, gguf  # noqa: F401  (transformers needs both to read GGUF)
-        except ImportError:
-            die("loading a .gguf model needs two optional packages: pip install gguf accelerate")
-        kwargs, name = {"gguf_file": os.path.basename(name)}, os.path.dirname(os.path.abspath(name))
-    elif not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        die(f"--model {name!r}: no such file or directory; pass a hub id, a local model directory or a .gguf file")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as e:
-        die(f"cannot load --model {name!r} ({str(e).splitlines()[0]}); pass a hub id, a local model directory or a .gguf file")
-    if getattr(lm.config, "quantization_config", None) is not None:
-        # GGUF weights arrive dequantised but tagged as quantised, which save_pretrained refuses: rebuild plainly.
-        del lm.config.quantization_config
-        plain = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
-        plain.load_state_dict(lm.state_dict())
-        lm = plain
-    head = lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
-        die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return lm.to(device), tokenizer
+def certainty_from(lse, mean_logit, vocab_size):
+    """Self-certainty (paper Eq. 4) from two statistics of the logits z:
+    KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|. Zero for a uniform distribution, positive otherwise.
+    The only definition: the sampler feeds it full logits, the streamed lm_head its running logsumexp."""
+    return lse - mean_logit - math.log(vocab_size)
 
 
-def stop_token_ids(tokenizer, lm):
-    """EOS ids of tokenizer and generation config, plus the chat template's end-of-turn token.
-
-    A base model (Qwen2.5-1.5B) prompted with a chat template ends its turn with <|im_end|>, which is not
-    its EOS; without this, every completion would run to max_completion_length."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(lm.generation_config, "eos_token_id", None)
-    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
-    if tokenizer.chat_template:
-        probe = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "PROBE"}], tokenize=False)
-        after = tokenizer(probe.split("PROBE")[-1], add_special_tokens=False).input_ids
-        if after and tokenizer.convert_ids_to_tokens(after[0]) in tokenizer.added_tokens_encoder:
-            ids.add(after[0])
-    return sorted(i for i in ids if i is not None)
-
-
-def render_prompt(tokenizer, question, system_prompt):
-    """The prompt text the model sees: chat template with the paper's system prompt.
-
-    A tokenizer without a chat template falls back to plain "System: ...\n\nUser: ...\n\nAssistant:" text."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}]
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-
-
-def load_rows(path, split):
-    """Rows of a hub dataset or a local .json/.jsonl/.parquet file, via datasets.load_dataset."""
-    from datasets import load_dataset
-    local = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
-    try:
-        if local:
-            if not os.path.isfile(path):
-                die(f"--dataset {path!r}: no such file")
-            return load_dataset(local, data_files=path, split="train")
-        return load_dataset(path, split=split)
-    except (OSError, ValueError, ConnectionError) as e:
-        die(f"cannot load --dataset {path!r} ({str(e).splitlines()[0]}); pass a hub dataset or a local .jsonl/.parquet file")
-
-
-def load_prompts(args, tokenizer):
-    """Tokenised prompts with their gold answer (or None); those over max_prompt_length are skipped and counted."""
-    rows = load_rows(args.dataset, args.dataset_split)
-    if args.prompt_column not in rows.column_names:
-        die(f"--dataset has no column {args.prompt_column!r} (columns: {', '.join(rows.column_names)}); pass --prompt_column")
-    prompts, skipped = [], 0
-    from eval import gold_answers
-    for question, gold in zip(rows[args.prompt_column], gold_answers(rows, args.answer_column)):
-        ids = tokenizer(render_prompt(tokenizer, question, args.system_prompt), add_special_tokens=False).input_ids
-        if len(ids) > args.max_prompt_length:
-            skipped += 1
-        else:
-            prompts.append({"ids": ids, "gold": gold})
-    return prompts, skipped
-
-
-def step_prompts(prompts, step, prompts_per_step, rank, world_size, seed):
-    """This rank's prompts of a step: a seeded shuffle per epoch that every rank agrees on, cut into
-    consecutive blocks, so no prompt repeats within an epoch and ranks never overlap."""
-    per_epoch = len(prompts) // prompts_per_step
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = prompts_per_step // world_size
-    start = i * prompts_per_step + rank * per_rank
-    return [prompts[j] for j in order[start:start + per_rank]]
-
-
-# ----------------------------------------------------------------------------- sampling
 def self_certainty(logits):
-    """Self-certainty per position (paper Eq. 4): KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|.
-
-    Zero for a uniform distribution, positive otherwise; the last dimension is the vocabulary."""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.shape[-1])
+    """Self-certainty per position of logits (..., V), in float32 (float64 stays float64)."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return certainty_from(torch.logsumexp(z, -1), z.mean(-1), z.shape[-1])
 
 
 def entropy(logits):
@@ -229,11 +148,9 @@ def entropy(logits):
 def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id):
     """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
 
-    Each prompt is prefilled once (left-padded, position ids counted from its first real token) and its
-    cache shared by its G samples. At every step the logits that pick token i are the ones that predict
-    it, so SC(o|q) (Eq. 4) costs no extra pass. temperature == 0 means greedy decoding. Returns one dict
-    per sequence: prompt ids, completion ids (ending with the stop token unless truncated), SC, mean
-    token entropy, truncated."""
+    Each prompt is prefilled once (left-padded, positions counted from its first real token) and its cache
+    shared by its G samples. The logits that pick token i are the ones that predict it, so SC(o|q) (Eq. 4)
+    costs no extra pass. temperature 0 = greedy. One Rollout per sequence, a prompt's G samples adjacent."""
     device = next(lm.parameters()).device
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -249,200 +166,113 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
     n = logits.shape[0]
     rows = torch.arange(n, device=device)  # which sequence each row of the shrinking batch belongs to
-    sc_sum, ent_sum, length = (torch.zeros(n, device=device) for _ in range(3))
+    certainty_sum, entropy_sum, length = (torch.zeros(n, device=device) for _ in range(3))
     tokens = torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        sc_sum[rows] += self_certainty(logits)
-        ent_sum[rows] += entropy(logits)
+        certainty_sum[rows] += self_certainty(logits)
+        entropy_sum[rows] += entropy(logits)
         if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            next_token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
         else:
-            nxt = logits.argmax(-1)
-        tokens[rows, t] = nxt
+            next_token = logits.argmax(-1)
+        tokens[rows, t] = next_token
         length[rows] += 1
-        done = torch.isin(nxt, stop)
+        done = torch.isin(next_token, stop)
         if done.all() or t == max_new_tokens - 1:
             break
         if done.any():  # finished sequences leave the batch (and the KV cache): no compute is spent on them
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+            rows, next_token, mask, pos = rows[keep], next_token[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos + 1
-        out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+        inputs = dict(input_ids=next_token[:, None], attention_mask=mask, position_ids=pos)
+        logits = lm(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
 
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
     rollouts = []
-    for k, (toks, m) in enumerate(zip(tokens.tolist(), length.long().tolist())):
-        rollouts.append(dict(prompt=prompts[k // num_generations], completion=toks[:m], self_certainty=sc_sum[k].item() / m,
-                             entropy=ent_sum[k].item() / m, truncated=bool(truncated[k])))
+    for k, n_tokens in enumerate(length.long().tolist()):
+        sc, ent = certainty_sum[k].item() / n_tokens, entropy_sum[k].item() / n_tokens
+        completion = tokens[k, :n_tokens].tolist()
+        rollouts.append(Rollout(prompts[k // num_generations], completion, sc, ent, bool(truncated[k])))
     return rollouts
 
 
-# ----------------------------------------------------------------------------- streamed lm_head
-def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, with_certainty):
-    """One token chunk through the lm_head, streamed over vocabulary slices: an online logsumexp keeps
-    a few numbers per token, so only a handful of (tokens x slice) tiles ever exist at once.
-
-    Returns the target log-prob at `temperature`, its logsumexp, and (optionally) self-certainty and
-    entropy of the raw (temperature 1) distribution."""
-    n, V = h.shape[0], weight.shape[0]
-    lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
-    target = torch.zeros(n, device=h.device)
-    m, s, w, zsum = lse.clone(), *torch.zeros(3, n, device=h.device)  # T = 1: max, sum e^(z-m), sum e^(z-m) z, sum z
-    for v0 in range(0, V, vocab_chunk):
-        z = (h @ weight[v0:v0 + vocab_chunk].T).float()
-        zt = z / temperature if temperature != 1 else z
-        lse = torch.logaddexp(lse, torch.logsumexp(zt, -1))
-        hit = (targets >= v0) & (targets < v0 + z.shape[1])
-        target += torch.where(hit, zt.gather(1, (targets - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
-        if with_certainty:  # rescale the running sums whenever the max grows
-            m_new = torch.maximum(m, z.max(-1).values)
-            scale, e = torch.exp(m - m_new), torch.exp(z - m_new[:, None])
-            s, m = s * scale + e.sum(-1), m_new
-            w = w * scale + e.mul_(z).sum(-1)
-            zsum += z.sum(-1)
-    stats = {"logp": target - lse, "lse": lse}
-    if with_certainty:
-        lse1 = m + torch.log(s)
-        stats["self_certainty"] = lse1 - zsum / V - math.log(V)
-        stats["entropy"] = lse1 - w / s
-    return stats
+# ----------------------------------------------------------------------------- 2. rewards
+def grade(rollouts, golds, tokenizer, num_generations):
+    """Extract each completion's final answer (the last \\boxed{}) and compare it with its prompt's gold one."""
+    for k, r in enumerate(rollouts):
+        r.answer = common.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), "boxed")
+        r.correct = common.is_correct(r.answer, golds[k // num_generations])
 
 
-@torch.no_grad()
-def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096):
-    """Per-token log p(target) at `temperature`, self-certainty (Eq. 4) and entropy at temperature 1,
-    from hidden states (N, H) and lm_head weight (V, H); memory O(chunk_size x vocab_chunk)."""
-    parts = [_lm_head_tile_stats(h[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature, vocab_chunk, True)
-             for i in range(0, h.shape[0], chunk_size)]
-    return {k: torch.cat([p[k] for p in parts]) for k in ("logp", "self_certainty", "entropy")}
+def online_self_certainty(rollouts, num_generations):
+    """INTUITOR: the policy's own self-certainty, accumulated by the sampler."""
+    return [r.self_certainty for r in rollouts]
 
 
-class StreamedLogProbs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
-
-    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated straight into grad_h and grad_W, so neither
-    pass holds more than one tile of logits (torch.utils.checkpoint cannot do this: each weight slice's
-    backward would allocate a full-size weight gradient)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
-        parts = [_lm_head_tile_stats(h[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature, vocab_chunk, False)
-                 for i in range(0, h.shape[0], chunk_size)]
-        ctx.save_for_backward(h, weight, targets, torch.cat([p["lse"] for p in parts]))
-        ctx.conf = temperature, chunk_size, vocab_chunk
-        # backward recomputes the logits: it must do so at the forward's precision, or p = exp(z - lse) drifts
-        ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
-        return torch.cat([p["logp"] for p in parts])
-
-    @staticmethod
-    def backward(ctx, grad):
-        device_type, enabled, dtype = ctx.amp
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return StreamedLogProbs._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
-        h, weight, targets, lse = ctx.saved_tensors
-        temperature, chunk_size, vocab_chunk = ctx.conf
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk_size):
-            hc, tc, g = h[i:i + chunk_size], targets[i:i + chunk_size], grad[i:i + chunk_size].float() / temperature
-            for v0 in range(0, weight.shape[0], vocab_chunk):
-                w = weight[v0:v0 + vocab_chunk]
-                dz = -torch.exp((hc @ w.T).float() / temperature - lse[i:i + chunk_size, None]) * g[:, None]
-                hit = (tc >= v0) & (tc < v0 + w.shape[0])
-                dz[hit, tc[hit] - v0] += g[hit]
-                grad_h[i:i + chunk_size] += dz @ w.float()
-                grad_w[v0:v0 + vocab_chunk] += dz.T @ hc.float()
-        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None, None
+def offline_self_certainty(rollouts, num_generations):
+    """Self-certainty scored by the frozen initial model (paper Fig. 7), from the reference pass."""
+    return [r.self_certainty_ref for r in rollouts]
 
 
-def collate(rollouts, pad_id, device):
-    """Left-padded prompts followed by right-padded completions, so the prompt/completion boundary is one
-    column `n_prompt` for the whole batch. Returns ids, attention mask, n_prompt and the completion mask."""
-    width = max(len(r["prompt"]) for r in rollouts)
-    length = max(len(r["completion"]) for r in rollouts)
-    ids, attn, cmask = [], [], []
-    for r in rollouts:
-        p, c = r["prompt"], r["completion"]
-        ids.append([pad_id] * (width - len(p)) + p + c + [pad_id] * (length - len(c)))
-        attn.append([0] * (width - len(p)) + [1] * (len(p) + len(c)) + [0] * (length - len(c)))
-        cmask.append([1] * len(c) + [0] * (length - len(c)))
-    t = lambda x: torch.tensor(x, device=device)  # noqa: E731
-    return t(ids), t(attn), width, t(cmask).bool()
+def neg_entropy(rollouts, num_generations):
+    """Minus the mean token entropy of the sampling distribution."""
+    return [-r.entropy for r in rollouts]
 
 
-class CompletionLogProbs(torch.nn.Module):
-    """Wraps a causal LM so that forward() returns completion-token statistics from hidden states.
-
-    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
-    scored from column n_prompt + i - 1. DDP wraps this module, so its gradient hooks see the streamed
-    lm_head. With grad enabled it returns log-probs (B, C); without, a dict that adds SC and entropy."""
-
-    def __init__(self, lm, temperature, chunk_size, vocab_chunk):
-        super().__init__()
-        self.lm, self.conf = lm, (temperature, chunk_size, vocab_chunk)
-
-    def forward(self, ids, attn, n_prompt, cmask):
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        h = self.lm.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-        h, targets = h[:, n_prompt - 1:-1][cmask], ids[:, n_prompt:][cmask]
-        weight = self.lm.get_output_embeddings().weight
-        scatter = lambda x: torch.zeros(cmask.shape, device=x.device).masked_scatter(cmask, x.float())  # noqa: E731
-        if torch.is_grad_enabled():
-            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.conf))
-        return {k: scatter(v) for k, v in streamed_token_stats(h, weight, targets, *self.conf).items()}
+def accuracy(rollouts, num_generations):
+    """GRPO: 1 when the boxed answer matches the gold one."""
+    return [float(r.correct) for r in rollouts]
 
 
-# ----------------------------------------------------------------------------- rewards
-REWARDS = ("self_certainty", "accuracy", "plurality", "neg_entropy")
+def plurality(rollouts, num_generations):
+    """GRPO-PV: 1 when the boxed answer matches the plurality answer of its group (no gold needed)."""
+    groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
+    return [vote for group in groups for vote in common.plurality_votes([r.answer for r in group])]
 
 
-def compute_rewards(rollouts, names, num_generations, offline=False):
-    """Per-sequence rewards by name. self_certainty: read off the sampler (online) or, if `offline`, the
-    reference pass; neg_entropy: minus the mean token entropy; accuracy: the boxed answer matches the gold one;
-    plurality: the boxed answer matches the group's plurality answer."""
-    out = {}
-    for name in names:
-        if name == "self_certainty":
-            out[name] = [r["self_certainty_ref" if offline else "self_certainty"] for r in rollouts]
-        elif name == "neg_entropy":
-            out[name] = [-r["entropy"] for r in rollouts]
-        elif name == "accuracy":
-            out[name] = [float(r["correct"]) for r in rollouts]
-        else:
-            from eval import plurality_votes
-            out[name] = [v for i in range(0, len(rollouts), num_generations)
-                         for v in plurality_votes([r["answer"] for r in rollouts[i:i + num_generations]])]
-    return {k: torch.tensor(v) for k, v in out.items()}
+# A reward is a function (rollouts, group size) -> one float per rollout; register it here to make it a flag.
+REWARDS = {
+    "self_certainty": online_self_certainty,
+    "accuracy": accuracy,
+    "plurality": plurality,
+    "neg_entropy": neg_entropy,
+}
+NEEDS_ANSWERS = {"accuracy", "plurality"}
 
 
 def parse_reward(spec):
     """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1."""
     weights = {}
     for part in spec.split(","):
-        name, _, w = part.strip().partition("=")
+        name, _, weight = part.strip().partition("=")
         if name not in REWARDS:
             die(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
         try:
-            weights[name] = float(w) if w else 1.0
+            weights[name] = float(weight) if weight else 1.0
         except ValueError:
-            die(f"--reward: weight {w!r} of {name} is not a number")
+            die(f"--reward: weight {weight!r} of {name} is not a number")
     return weights
 
 
-# ----------------------------------------------------------------------------- advantages and loss
+def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
+    """Every named reward of every rollout, as tensors; certainty_model 'reference' makes SC the offline one."""
+    offline = {"self_certainty": offline_self_certainty} if certainty_model == "reference" else {}
+    fns = {name: offline.get(name, REWARDS[name]) for name in names}
+    return {name: torch.tensor(fn(rollouts, num_generations), dtype=torch.float32) for name, fn in fns.items()}
+
+
+# ----------------------------------------------------------------------------- 3. advantages and loss
 def group_advantages(rewards, num_generations, eps=1e-4):
     """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
 
-    std is the unbiased sample std, as in TRL; a group of equal rewards gets A = 0, never NaN."""
+    std is the unbiased sample std, as in TRL; a group of equal rewards gets exactly A = 0, never NaN."""
     r = rewards.view(-1, num_generations)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    equal = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)  # exactly 0: float rounding of the mean is not
+    return torch.where(equal, 0.0, advantages).view(-1)  # allowed to push identical completions anywhere
 
 
 def mixed_advantages(rewards, weights, num_generations):
@@ -459,253 +289,411 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_
 
     Returns the loss, the KL and where clipping binds (zero gradient there), all (B, C)."""
     ratio = torch.exp(logp - old_logp)
-    a = advantages[:, None]
-    surrogate = torch.min(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon_high) * a)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon_high) * adv)
     kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)
-    clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     return -(surrogate - beta * kl), kl, clipped
 
 
-def aggregate_loss(loss, cmask, loss_type, total_tokens, total_sequences):
+def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences):
     """This micro-batch's share of the step's loss. `token`: sum over its tokens / all tokens of the
     step; `grpo`: sum of its per-sequence means / all sequences of the step. The totals are global
     (all ranks, all micro-batches), so the summed gradient does not depend on how the step is split."""
-    loss = loss * cmask
+    loss = loss * completion_mask
     if loss_type == "token":
         return loss.sum() / total_tokens
-    return (loss.sum(1) / cmask.sum(1).clamp(min=1)).sum() / total_sequences
+    return (loss.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / total_sequences
 
 
-# ----------------------------------------------------------------------------- training loop
-def all_reduce(x, op=dist.ReduceOp.SUM):
-    """Sum (or max) a float or tensor over ranks; identity in a single process."""
-    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t
+# ----------------------------------------------------------------------------- 4. the update
+class Batch(NamedTuple):
+    """Rollouts as tensors: left-padded prompts followed by right-padded completions, so the
+    prompt/completion boundary is one column, n_prompt, for the whole batch."""
+
+    ids: torch.Tensor  # (B, n_prompt + C) token ids
+    attention_mask: torch.Tensor  # (B, n_prompt + C) 1 on real tokens
+    n_prompt: int  # width of the prompt block
+    completion_mask: torch.Tensor  # (B, C) bool, True on completion tokens
+
+
+def collate(rollouts, pad_id, device):
+    width = max(len(r.prompt) for r in rollouts)
+    length = max(len(r.completion) for r in rollouts)
+    ids, attn, cmask = [], [], []
+    for r in rollouts:
+        left, right = width - len(r.prompt), length - len(r.completion)
+        ids.append([pad_id] * left + r.prompt + r.completion + [pad_id] * right)
+        attn.append([0] * left + [1] * (len(r.prompt) + len(r.completion)) + [0] * right)
+        cmask.append([1] * len(r.completion) + [0] * right)
+    ids, attn, cmask = (torch.tensor(x, device=device) for x in (ids, attn, cmask))
+    return Batch(ids, attn, width, cmask.bool())
+
+
+def micro_batches(rollouts, size, pad_id, device):
+    """(rollouts, Batch) pairs of at most `size` sequences."""
+    parts = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+    return [(part, collate(part, pad_id, device)) for part in parts]
 
 
 @torch.no_grad()
-def reference_pass(ref, rollouts, args, pad_id, autocast=nullcontext):
+def reference_pass(ref, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
     """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
     from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
-    device = next(ref.parameters()).device
-    for i in range(0, len(rollouts), args.micro_batch_size):
-        mb = rollouts[i:i + args.micro_batch_size]
-        batch = collate(mb, pad_id, device)
+    for part, batch in micro_batches(rollouts, micro_batch_size, pad_id, next(ref.parameters()).device):
         with autocast():
-            out = ref(*batch)
-        for k, r in enumerate(mb):
-            n = len(r["completion"])
-            r["ref_logp"] = out["logp"][k, :n]
-            r["self_certainty_ref"] = out["self_certainty"][k, :n].mean().item()
+            stats = ref(*batch)
+        for k, r in enumerate(part):
+            n = len(r.completion)
+            r.ref_logp = stats["logp"][k, :n]
+            r.self_certainty_ref = stats["self_certainty"][k, :n].mean().item()
 
 
-def optimize(model, optimizer, scheduler, rollouts, args, pad_id, autocast=nullcontext):
-    """Minimise Eq. 5 over one batch of rollouts (each with an 'advantage', and 'ref_logp' when beta > 0):
-    num_iterations optimizer steps, each accumulating gradients over micro-batches. `model` is a
-    CompletionLogProbs, possibly DDP-wrapped. Returns the step's metrics."""
+class UpdateConfig(NamedTuple):
+    """The hyperparameters of one update: Eq. 5 (beta, clip range, loss averaging) and how it is run."""
+
+    beta: float = 0.005
+    epsilon: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "token"
+    micro_batch_size: int = 4
+    num_iterations: int = 1  # mu: optimizer steps on the same rollouts
+    max_grad_norm: float = 1.0
+
+
+def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
+    """Minimise Eq. 5 over one batch of rollouts (advantages set; ref_logp too when beta > 0): num_iterations
+    optimizer steps, each accumulating gradients over micro-batches. `model` is a CompletionLogProbs,
+    possibly DDP-wrapped. An optimizer step whose gradient norm is not finite is skipped (and counted).
+    Returns the step's metrics, averaged over the num_iterations passes."""
+    beta, epsilon, epsilon_high, loss_type, micro_batch_size, num_iterations, max_grad_norm = config
     scorer = getattr(model, "module", model)
     device = next(scorer.parameters()).device
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mbs = [rollouts[i:i + args.micro_batch_size] for i in range(0, len(rollouts), args.micro_batch_size)]
-    batches = [collate(mb, pad_id, device) for mb in mbs]
-    advantages = [torch.tensor([r["advantage"] for r in mb], device=device) for mb in mbs]
-    total_tokens = all_reduce(sum(len(r["completion"]) for r in rollouts)).item()
-    total_sequences = all_reduce(len(rollouts)).item()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    parts = micro_batches(rollouts, micro_batch_size, pad_id, device)
+    advantages = [torch.tensor([r.advantage for r in part], device=device) for part, _ in parts]
+    total_tokens = common.all_reduce(sum(len(r.completion) for r in rollouts)).item()
+    total_sequences = common.all_reduce(len(rollouts)).item()
 
     # When rollouts are reused (mu > 1), rho needs the sampling policy's log-probs, frozen before the first
     # update; with mu = 1, pi_old = pi exactly and rho = exp(logp - logp.detach()) = 1 with the right gradient.
     with torch.no_grad(), autocast():
-        old_logps = [scorer(*b)["logp"] if args.num_iterations > 1 else None for b in batches]
-    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)  # noqa: E731
-    ref_logps = [pad([r["ref_logp"] for r in mb]) if args.beta else None for mb in mbs]
+        old_logps = [scorer(*batch)["logp"] if num_iterations > 1 else None for _, batch in parts]
+    pad = torch.nn.utils.rnn.pad_sequence
+    ref_logps = [pad([r.ref_logp for r in part], batch_first=True).to(device) if beta else None for part, _ in parts]
 
-    m = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0)
-    for it in range(args.num_iterations):
-        for j, batch in enumerate(batches):
-            last = j == len(batches) - 1
+    metrics = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_updates=0)
+    for _ in range(num_iterations):
+        for j, (_, batch) in enumerate(parts):
+            last = j == len(parts) - 1
             sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync, autocast():
                 logp = model(*batch)
-                old = old_logps[j] if old_logps[j] is not None else logp.detach()
+                old_logp = old_logps[j] if old_logps[j] is not None else logp.detach()
                 ref_logp = ref_logps[j] if ref_logps[j] is not None else logp.detach()
-                loss_tok, kl, clipped = per_token_loss(logp, old, ref_logp, advantages[j], args.beta, args.epsilon, args.epsilon_high)
-                loss = aggregate_loss(loss_tok, batch[3], args.loss_type, total_tokens, total_sequences)
+                losses, kl, clipped = per_token_loss(
+                    logp, old_logp, ref_logp, advantages[j], beta, epsilon, epsilon_high
+                )
+                loss = aggregate_loss(losses, batch.completion_mask, loss_type, total_tokens, total_sequences)
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
-                (loss * world).backward()
-            mu, cm = args.num_iterations, batch[3]  # metrics: averages over the mu passes of the step
-            m["loss"] += loss.item() / mu
-            m["kl"] += (kl * cm).sum().item() / total_tokens / mu
-            m["clip_frac"] += (clipped & cm).sum().item() / total_tokens / mu
-        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), args.max_grad_norm).item()
-        optimizer.step()
+                (loss * world_size).backward()
+            mask = batch.completion_mask
+            metrics["loss"] += loss.item() / num_iterations
+            metrics["kl"] += (kl * mask).sum().item() / total_tokens / num_iterations
+            metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / num_iterations
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), max_grad_norm).item()
+        if math.isfinite(metrics["grad_norm"]):  # the same on every rank: gradients are already all-reduced
+            optimizer.step()
+        else:  # a NaN/inf loss or gradient never reaches the weights
+            metrics["skipped_updates"] += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    for k in ("loss", "kl", "clip_frac"):
-        m[k] = all_reduce(m[k]).item()
-    return m
+    for key in ("loss", "kl", "clip_frac"):
+        metrics[key] = common.all_reduce(metrics[key]).item()
+    return metrics
 
 
-LOG_KEYS = ("train/self_certainty", "train/accuracy", "train/completion_length", "train/truncated_frac", "train/kl",
-            "train/loss", "train/grad_norm", "train/lr", "perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s")
+# ----------------------------------------------------------------------------- training loop
+@dataclass
+class Trainer:
+    """What the loop needs, built once by setup()."""
+
+    rt: common.Runtime
+    lm: torch.nn.Module  # the policy (a transformers causal LM): sampled from, updated, saved
+    model: torch.nn.Module  # the same weights as a CompletionLogProbs scorer, DDP-wrapped on several ranks
+    ref: torch.nn.Module | None  # the frozen initial model as a scorer (KL term, offline self-certainty)
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    prompts: list  # every Prompt of the dataset
+    stop_ids: list  # token ids that end a completion
+    start_step: int
+    max_steps: int
+    metrics_path: str
 
 
-def seed_step(seed, step, rank):
-    """Every (step, rank) gets its own stream: ranks sample differently, and a resumed run samples as an
-    uninterrupted one would."""
-    s = (seed * 1_000_003 + step * 1009 + rank) % 2**63
-    random.seed(s)
-    torch.manual_seed(s)
-
-
-def latest_checkpoint(output_dir):
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-")] if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(output_dir, step, lm, tokenizer, optimizer, scheduler, args):
-    """model + tokenizer (save_pretrained) and optimizer, scheduler and data position, written to a temp
-    dir and renamed, so a crash never leaves a half-written checkpoint-N."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-
-
-def train(args):
+def setup(args):
+    """Flags, output directory and data are checked before any model loads; then policy, reference,
+    optimizer and schedule, resumed from the newest readable checkpoint with --resume."""
     from transformers import get_cosine_schedule_with_warmup
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    check_args(args, world)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and cuda)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    log = tqdm.write if rank == 0 else (lambda *a, **k: None)
 
-    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
-    lm, tokenizer = load_model(ckpt or args.model, device)
-    prompts, skipped = load_prompts(args, tokenizer)
-    if len(prompts) < args.prompts_per_step:
-        die(f"only {len(prompts)} prompts fit --max_prompt_length {args.max_prompt_length} ({skipped} skipped); "
-            f"lower --prompts_per_step or raise --max_prompt_length")
-    weights, has_gold = parse_reward(args.reward), any(p["gold"] is not None for p in prompts)
-    if "accuracy" in weights and not has_gold:
+    rt = common.runtime_from_env(args.device, args.dtype)
+    common.check_train_args(args, rt.world_size)
+    weights = parse_reward(args.reward)
+    lock = common.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir) if rt.rank == 0 else None
+    _, questions, golds = common.load_questions(
+        args.dataset, args.dataset_split, args.prompt_column, args.answer_column
+    )
+    if "accuracy" in weights and all(gold is None for gold in golds):
         die("--reward accuracy needs gold answers: the dataset has no `answer`/`solution` column; pass --answer_column")
+    ckpt, state = common.resume_state(args.output_dir, "cpu") if args.resume else (None, None)
+    if state is not None:
+        common.check_same_run(state["args"], asdict(args), MAY_CHANGE_ON_RESUME)
+    common.init_distributed(rt)
+    lm, tokenizer = common.load_model(ckpt or args.model, rt.device)
+    prompts, skipped = common.load_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
+    if len(prompts) < args.prompts_per_step:
+        die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
+
     ref = None
     if args.beta > 0 or args.certainty_model == "reference":
-        ref_lm = load_model(args.model, device)[0] if ckpt else copy.deepcopy(lm)
-        ref_lm.requires_grad_(False).eval().to(torch.bfloat16 if bf16 else torch.float32)
+        ref_lm = common.load_model(args.model, rt.device)[0] if ckpt else copy.deepcopy(lm)
+        ref_lm.requires_grad_(False).eval().to(torch.bfloat16 if rt.bf16 else torch.float32)
         ref = CompletionLogProbs(ref_lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
-    stop_ids = stop_token_ids(tokenizer, lm)
     max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
     optimizer = torch.optim.AdamW(lm.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     total = max_steps * args.num_iterations
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total), total)
-    start = 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = CompletionLogProbs(lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None, broadcast_buffers=False)
+    if rt.world_size > 1:
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start] if ckpt and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # records of steps that will be redone are dropped
-            f.writelines(kept)
-        log(f"{len(prompts)} prompts ({skipped} over {args.max_prompt_length} tokens skipped), {max_steps} steps, "
-            f"{world} rank(s) on {device.type}{', bf16 autocast' if bf16 else ''}" + (f", resumed from {ckpt}" if ckpt else ""))
+    start_step, metrics_path = state["step"] if state else 0, os.path.join(args.output_dir, "metrics.jsonl")
+    if rt.rank == 0:
+        common.open_output_dir(args.output_dir, args.overwrite_output_dir, lock)
+        common.restart_metrics(metrics_path, start_step)
+        where = f"{rt.world_size} rank(s) on {rt.device.type}{', bf16 autocast' if rt.bf16 else ''}"
+        resumed = f", resumed from {ckpt}" if ckpt else ""
+        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {where}{resumed}")
+    parts = (lm, model, ref, tokenizer, optimizer, scheduler, prompts, common.stop_token_ids(tokenizer, lm))
+    return Trainer(rt, *parts, start_step, max_steps, metrics_path)
 
-    G = args.num_generations
-    for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0, desc="steps"):
-        seed_step(args.seed, step, rank)
-        batch = step_prompts(prompts, step, args.prompts_per_step, rank, world, args.seed)
 
-        # 1-2. sample G completions per prompt; their self-certainty is the reward
-        t0 = time.time()
-        lm.eval()
-        per_call = (args.generation_batch_size or len(batch) * G) // G
-        rollouts = []
-        for i in range(0, len(batch), per_call):
-            with autocast():
-                rollouts += sample(lm, [p["ids"] for p in batch[i:i + per_call]], G, args.max_completion_length,
-                                   args.temperature, stop_ids, tokenizer.pad_token_id)
-        t_sample = time.time() - t0
-        if has_gold or "plurality" in weights:  # answers: for the GRPO / GRPO-PV rewards and the accuracy monitor
-            from eval import extract_answer, is_correct
-            for k, r in enumerate(rollouts):
-                r["answer"] = extract_answer(tokenizer.decode(r["completion"], skip_special_tokens=True), "math")
-                r["correct"] = is_correct(r["answer"], batch[k // G]["gold"])
+TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
+LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
 
-        # 3. rewards and group-normalised advantages (groups never straddle ranks)
-        t0, lr = time.time(), scheduler.get_last_lr()[0]
-        if ref is not None:
-            reference_pass(ref, rollouts, args, tokenizer.pad_token_id, autocast)
-        rewards = compute_rewards(rollouts, weights, G, offline=args.certainty_model == "reference")
-        for r, a in zip(rollouts, mixed_advantages(rewards, weights, G).tolist()):
-            r["advantage"] = a
 
-        # 4. policy update
-        lm.train()
-        m = optimize(model, optimizer, scheduler, rollouts, args, tokenizer.pad_token_id, autocast)
-        t_update = time.time() - t0
+def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update_s):
+    """The step's record for metrics.jsonl: means over all ranks' sequences."""
+    n = common.all_reduce(len(rollouts)).item()
 
-        # metrics: means over all ranks' sequences
-        n = all_reduce(len(rollouts)).item()
-        mean = lambda xs: all_reduce(float(sum(xs))).item() / n  # noqa: E731
-        sc, lengths = [r["self_certainty"] for r in rollouts], [len(r["completion"]) for r in rollouts]  # the policy's SC
-        record = {
-            "step": step + 1, "train/self_certainty": mean(sc),
-            "train/self_certainty_std": math.sqrt(max(mean(x * x for x in sc) - mean(sc) ** 2, 0.0)),
-            **{f"train/reward/{k}": mean(v.tolist()) for k, v in rewards.items()},
-            **({"train/accuracy": mean(r["correct"] for r in rollouts)} if has_gold else {}),
-            "train/completion_length": mean(lengths),
-            "train/completion_length_max": all_reduce(max(lengths), dist.ReduceOp.MAX).item(),
-            "train/truncated_frac": mean(r["truncated"] for r in rollouts),
-            **{f"train/{k}": v for k, v in m.items()}, "train/lr": lr,
-            "perf/sample_tokens_per_s": mean(lengths) * n / t_sample, "perf/sample_s": t_sample, "perf/update_s": t_update}
+    def mean(values):
+        return common.all_reduce(float(sum(values))).item() / n
+
+    certainty = [r.self_certainty for r in rollouts]  # always the policy's own
+    lengths = [len(r.completion) for r in rollouts]
+    record = {"step": step, "train/self_certainty": mean(certainty)}
+    record["train/self_certainty_std"] = math.sqrt(max(mean(x * x for x in certainty) - mean(certainty) ** 2, 0.0))
+    record.update({f"train/reward/{name}": mean(values.tolist()) for name, values in rewards.items()})
+    if has_gold:
+        record["train/accuracy"] = mean(r.correct for r in rollouts)
+    record["train/completion_length"] = mean(lengths)
+    record["train/completion_length_max"] = common.all_reduce(max(lengths), dist.ReduceOp.MAX).item()
+    record["train/truncated_frac"] = mean(r.truncated for r in rollouts)
+    record.update({f"train/{key}": value for key, value in update.items()})
+    tokens_per_s = mean(lengths) * n / sample_s
+    return record | {
+        "train/lr": lr,
+        "perf/sample_tokens_per_s": tokens_per_s,
+        "perf/sample_s": sample_s,
+        "perf/update_s": update_s,
+    }
+
+
+def train(args):
+    tr = setup(args)
+    G, pad_id, rank = args.num_generations, tr.tokenizer.pad_token_id, tr.rt.rank
+    weights = parse_reward(args.reward)
+    per_call = args.generation_batch_size // G or len(tr.prompts)  # prompts sampled at once (0 = all)
+    has_gold = any(p.gold is not None for p in tr.prompts)
+    needs_answers = has_gold or bool(NEEDS_ANSWERS & weights.keys())
+    config = UpdateConfig(*(getattr(args, name) for name in UpdateConfig._fields))
+    skipped_in_a_row = 0  # optimizer steps skipped for a non-finite gradient, in a row
+    steps = range(tr.start_step, tr.max_steps)
+    for step in tqdm(steps, initial=tr.start_step, total=tr.max_steps, disable=rank != 0, desc="steps"):
+        common.seed_step(args.seed, step, rank)
+        prompts = common.step_prompts(tr.prompts, step, args.prompts_per_step, rank, tr.rt.world_size, args.seed)
+
+        # 1. sample G completions per prompt; the sampler accumulates each one's self-certainty (Eq. 4)
+        t0, rollouts = time.time(), []
+        tr.lm.eval()
+        for i in range(0, len(prompts), per_call):
+            with tr.rt.autocast():
+                ids = [p.ids for p in prompts[i : i + per_call]]
+                rollouts += sample(tr.lm, ids, G, args.max_completion_length, args.temperature, tr.stop_ids, pad_id)
+        sample_s = time.time() - t0
+
+        # 2. rewards. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor; the frozen
+        #    initial model scores the rollouts for the KL term (and for offline self-certainty)
+        t0, lr = time.time(), tr.scheduler.get_last_lr()[0]
+        if needs_answers:
+            grade(rollouts, [p.gold for p in prompts], tr.tokenizer, G)
+        if tr.ref is not None:
+            reference_pass(tr.ref, rollouts, args.micro_batch_size, pad_id, tr.rt.autocast)
+        rewards = compute_rewards(rollouts, weights, G, args.certainty_model)
+
+        # 3. group-normalised advantages (Eq. 3); groups never straddle ranks
+        for r, advantage in zip(rollouts, mixed_advantages(rewards, weights, G).tolist()):
+            r.advantage = advantage
+
+        # 4. policy update: minimise the clipped surrogate + beta KL (Eq. 5); non-finite updates are skipped
+        tr.lm.train()
+        update = optimize(tr.model, tr.optimizer, tr.scheduler, rollouts, pad_id, config, tr.rt.autocast)
+        update_s = time.time() - t0
+        skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] else 0
+
+        # 5. log the step; checkpoint every save_steps and at the end
+        record = step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s)
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(f"step {step + 1}/{max_steps} | " + " | ".join(f"{k.split('/')[-1]} {record[k]:.4g}" for k in LOG_KEYS if k in record))
+            common.log_step(tr.metrics_path, record, LOG_KEYS, tr.max_steps)
             if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
-                r = rollouts[0]
-                log(f"--- sample completion (sc {r['self_certainty']:.3f}) ---\n{tokenizer.decode(r['completion'])[:1000]}\n---")
-        if (args.save_steps and (step + 1) % args.save_steps == 0) or step + 1 == max_steps:
-            if rank == 0:
-                save_checkpoint(args.output_dir, step + 1, lm, tokenizer, optimizer, scheduler, args)
-            if world > 1:
+                common.show_completion(tr.tokenizer, rollouts[0])
+        if skipped_in_a_row >= 3:
+            die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
+        if (args.save_steps and (step + 1) % args.save_steps == 0) or step + 1 == tr.max_steps:
+            if rank == 0:  # never a checkpoint holding a non-finite weight
+                state = dict(step=step + 1, optimizer=tr.optimizer.state_dict(), scheduler=tr.scheduler.state_dict())
+                state["args"] = asdict(args)
+                common.save_checkpoint(args.output_dir, tr.lm, tr.tokenizer, state, args.save_total_limit)
+            if tr.rt.world_size > 1:
                 dist.barrier()
-    if world > 1:
+    if tr.rt.world_size > 1:
         dist.destroy_process_group()
-    return lm
+    return tr.lm
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- appendix: the streamed lm_head
+# Scoring a 3k-token completion with a 150k vocabulary would hold a (tokens x |V|) logits tensor (1.7 GB in
+# fp32 per sequence). Everything below computes the same quantities one (token chunk x vocabulary slice)
+# tile at a time, forward and backward.
+def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=None):
+    """One token chunk through the lm_head, one vocabulary slice at a time (an online logsumexp keeps a few
+    numbers per token): the target log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean
+    row of the lm_head weight), also self-certainty and entropy at temperature 1, as mean_j z_j = h . w̄."""
+    n, V = h.shape[0], weight.shape[0]
+    lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
+    target = torch.zeros(n, device=h.device)
+    # temperature 1, for entropy: running max, sum e^(z - max) and sum e^(z - max) z
+    run_max = torch.full((n,), -math.inf, device=h.device)
+    exp_sum, exp_z_sum = torch.zeros(n, device=h.device), torch.zeros(n, device=h.device)
+    for v0 in range(0, V, vocab_chunk):
+        z = (h @ weight[v0 : v0 + vocab_chunk].T).float()
+        z_t = z / temperature if temperature != 1 else z
+        lse = torch.logaddexp(lse, torch.logsumexp(z_t, -1))
+        hit = (targets >= v0) & (targets < v0 + z.shape[1])
+        in_slice = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
+        target += torch.where(hit, z_t.gather(1, in_slice).squeeze(1), 0.0)
+        if mean_row is not None:  # rescale the running sums whenever the max grows
+            new_max = torch.maximum(run_max, z.max(-1).values)
+            scale, e = torch.exp(run_max - new_max), torch.exp(z - new_max[:, None])
+            exp_sum, run_max = exp_sum * scale + e.sum(-1), new_max
+            exp_z_sum = exp_z_sum * scale + e.mul_(z).sum(-1)
+    stats = {"logp": target - lse, "lse": lse}
+    if mean_row is not None:
+        lse1 = run_max + torch.log(exp_sum)
+        stats["self_certainty"] = certainty_from(lse1, h.float() @ mean_row, V)
+        stats["entropy"] = lse1 - exp_z_sum / exp_sum
+    return stats
+
+
+@torch.no_grad()
+def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096):
+    """Per-token log p(target) at `temperature`, self-certainty (Eq. 4) and entropy at temperature 1,
+    from hidden states (N, H) and lm_head weight (V, H); memory O(chunk_size x vocab_chunk)."""
+    row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
+    mean_row = row_sum / weight.shape[0]
+    chunks = zip(h.split(chunk_size), targets.split(chunk_size))
+    parts = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("logp", "self_certainty", "entropy")}
+
+
+class StreamedLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
+
+    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated straight into grad_h and grad_W, so neither
+    pass holds more than one tile of logits (torch.utils.checkpoint cannot do this: each weight slice's
+    backward would allocate a full-size weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
+        chunks = zip(h.split(chunk_size), targets.split(chunk_size))
+        parts = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
+        ctx.save_for_backward(h, weight, targets, torch.cat([p["lse"] for p in parts]))
+        ctx.conf = temperature, chunk_size, vocab_chunk
+        # backward recomputes the logits: it must do so at the forward's precision, or p = exp(z - lse) drifts
+        ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
+        return torch.cat([p["logp"] for p in parts])
+
+    @staticmethod
+    def backward(ctx, grad):
+        device_type, enabled, dtype = ctx.amp
+        h, weight, targets, lse = ctx.saved_tensors
+        temperature, chunk_size, vocab_chunk = ctx.conf
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward did
+            for i in range(0, h.shape[0], chunk_size):
+                hc, tc = h[i : i + chunk_size], targets[i : i + chunk_size]
+                g = grad[i : i + chunk_size].float() / temperature
+                for v0 in range(0, weight.shape[0], vocab_chunk):
+                    w = weight[v0 : v0 + vocab_chunk]
+                    dz = -torch.exp((hc @ w.T).float() / temperature - lse[i : i + chunk_size, None]) * g[:, None]
+                    hit = (tc >= v0) & (tc < v0 + w.shape[0])
+                    dz[hit, tc[hit] - v0] += g[hit]
+                    grad_h[i : i + chunk_size] += dz @ w.float()
+                    grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None, None
+
+
+class CompletionLogProbs(torch.nn.Module):
+    """Wraps a causal LM so that forward(*Batch) returns completion-token statistics from hidden states.
+
+    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
+    scored from column n_prompt + i - 1. DDP wraps this module, so its gradient hooks see the streamed
+    lm_head. With grad enabled it returns log-probs (B, C); without, a dict that adds SC and entropy."""
+
+    def __init__(self, lm, temperature, chunk_size, vocab_chunk):
+        super().__init__()
+        self.lm, self.conf = lm, (temperature, chunk_size, vocab_chunk)
+
+    def forward(self, ids, attention_mask, n_prompt, completion_mask):
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+        h = out.last_hidden_state[:, n_prompt - 1 : -1][completion_mask]
+        targets = ids[:, n_prompt:][completion_mask]
+        weight = self.lm.get_output_embeddings().weight
+
+        def scatter(values):  # (tokens,) -> (B, C), zeros on padding
+            zeros = torch.zeros(completion_mask.shape, device=values.device)
+            return zeros.masked_scatter(completion_mask, values.float())
+
+        if torch.is_grad_enabled():
+            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.conf))
+        return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.conf).items()}
+
+
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    return HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    return common.parse_flags(Args, argv)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [out.png]
-        from eval import plot_metrics
-        plot_metrics(*sys.argv[2:4])
+        common.plot_metrics(*sys.argv[2:4])
     else:
         train(parse_args(sys.argv[1:]))

@@ -3,9 +3,10 @@ Benchmarks (run as a script; pytest does not collect it). Each part prints a tab
 asserts anything about speed.
 
     python tests/benchmark.py memory                 # 1. peak memory of SC + log-probs, streamed vs full logits
-    python tests/benchmark.py step [--gguf FILE]     # 2. seconds per training step vs TRL's GRPOTrainer (pip install trl)
+    python tests/benchmark.py step [--gguf FILE]     # 2. seconds per training step vs TRL's GRPOTrainer (needs trl)
     python tests/benchmark.py sampling [--gguf FILE] # 3. sampling tokens/s vs model.generate
 """
+
 import argparse
 import json
 import math
@@ -21,6 +22,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import common  # noqa: E402
 import intuitor as I  # noqa: E402
 
 CHUNK, VOCAB_CHUNK = I.Args.chunk_size, I.Args.vocab_chunk_size
@@ -61,8 +63,13 @@ def memory_child(variant, tokens, hidden, vocab, backward, device):
     targets = torch.randint(0, vocab, (tokens,), device=device)
     grad_w_mb = vocab * hidden * 4 / 2**20 if backward else 0.0
     cuda = device == "cuda"
-    run_variant(variant, h[:16].detach().requires_grad_(backward), w[:1000].detach().requires_grad_(backward),
-                targets[:16] % 1000, backward)  # warm up the math libraries' own buffers outside the measurement
+    run_variant(
+        variant,
+        h[:16].detach().requires_grad_(backward),
+        w[:1000].detach().requires_grad_(backward),
+        targets[:16] % 1000,
+        backward,
+    )  # warm up the math libraries' own buffers outside the measurement
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
@@ -76,8 +83,12 @@ def memory_child(variant, tokens, hidden, vocab, backward, device):
         torch.cuda.synchronize()
     seconds = time.time() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else peak_rss_mb()
-    out = {"extra_mb": peak - base - grad_w_mb, "seconds": seconds,
-           "sc": sc.detach().double().cpu().tolist(), "logp": logp.detach().double().cpu().tolist()}
+    out = {
+        "extra_mb": peak - base - grad_w_mb,
+        "seconds": seconds,
+        "sc": sc.detach().double().cpu().tolist(),
+        "logp": logp.detach().double().cpu().tolist(),
+    }
     if backward:
         out["grad_h"] = h.grad[:64].flatten().double().cpu().tolist()
     print(json.dumps(out))
@@ -91,15 +102,33 @@ def memory(args):
             # A fixed mmap threshold makes glibc return every freed tile to the OS at once; its default dynamic
             # threshold keeps some in the heap and the peak RSS would then measure fragmentation, not tensors.
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-            p = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(args.tokens), str(args.hidden),
-                                str(args.vocab), str(int(backward)), args.device], capture_output=True, text=True, env=env)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "_memory_child",
+                    variant,
+                    str(args.tokens),
+                    str(args.hidden),
+                    str(args.vocab),
+                    str(int(backward)),
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if p.returncode:
                 res[variant] = None
                 print(f"{variant} ({'fwd+bwd' if backward else 'fwd'}) failed: {p.stderr.strip().splitlines()[-1]}")
                 continue
             res[variant] = json.loads(p.stdout.strip().splitlines()[-1])
         full, ours = res["full"], res["streamed"]
-        agree = {k: max(abs(a - b) for a, b in zip(full[k], ours[k])) for k in ("sc", "logp", "grad_h") if full and ours and k in full}
+        agree = {
+            k: max(abs(a - b) for a, b in zip(full[k], ours[k]))
+            for k in ("sc", "logp", "grad_h")
+            if full and ours and k in full
+        }
         rows.append(("forward + backward" if backward else "forward (scoring)", full, ours, agree))
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"\n1. memory: {args.tokens} tokens x hidden {args.hidden} x vocab {args.vocab}, float32, {dev}")
@@ -108,20 +137,25 @@ def memory(args):
     for name, full, ours, agree in rows:
         f = f"{full['extra_mb']:.0f}" if full else "failed"
         ratio = f"1/{full['extra_mb'] / max(ours['extra_mb'], 1):.0f}" if full and ours else "-"
-        print(f"| {name} | {f} | {ours['extra_mb']:.0f} | {ratio} | {full['seconds'] if full else float('nan'):.1f} | "
-              f"{ours['seconds']:.1f} | {', '.join(f'{k} {v:.1e}' for k, v in agree.items())} |")
+        print(
+            f"| {name} | {f} | {ours['extra_mb']:.0f} | {ratio} | {full['seconds'] if full else float('nan'):.1f} | "
+            f"{ours['seconds']:.1f} | {', '.join(f'{k} {v:.1e}' for k, v in agree.items())} |"
+        )
     print("(fwd+bwd excludes the lm_head weight gradient itself, which both need)")
 
 
 # ----------------------------------------------------------------------------- shared model setup
 def model_dir(args):
     """A saved model directory: the tiny random Qwen2 of the tests, or the GGUF converted once."""
-    path = os.path.join(tempfile.gettempdir(), "intuitor-bench-" + (os.path.basename(args.gguf).split(".")[0] if args.gguf else "tiny"))
+    path = os.path.join(
+        tempfile.gettempdir(), "intuitor-bench-" + (os.path.basename(args.gguf).split(".")[0] if args.gguf else "tiny")
+    )
     if not os.path.exists(os.path.join(path, "config.json")):
         if args.gguf:
-            lm, tok = I.load_model(args.gguf, "cpu")
+            lm, tok = common.load_model(args.gguf, "cpu")
         else:
             from conftest import make_model, make_tokenizer
+
             tok = make_tokenizer()
             lm = make_model(tok, head_scale=8.0)
         lm.save_pretrained(path)
@@ -131,10 +165,32 @@ def model_dir(args):
 
 # ----------------------------------------------------------------------------- 2. step time vs TRL
 def step_ours(path, a, out):
-    cmd = [sys.executable, os.path.join(ROOT, "intuitor.py"), "--model", path, "--dataset", a.data,
-           "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G), "--max_completion_length", str(a.length),
-           "--micro_batch_size", str(a.mbs), "--beta", str(a.beta), "--max_steps", str(a.steps), "--save_steps", "0",
-           "--output_dir", out, "--learning_rate", "1e-6"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "intuitor.py"),
+        "--model",
+        path,
+        "--dataset",
+        a.data,
+        "--prompts_per_step",
+        str(a.prompts),
+        "--num_generations",
+        str(a.G),
+        "--max_completion_length",
+        str(a.length),
+        "--micro_batch_size",
+        str(a.mbs),
+        "--beta",
+        str(a.beta),
+        "--max_steps",
+        str(a.steps),
+        "--save_steps",
+        "0",
+        "--output_dir",
+        out,
+        "--learning_rate",
+        "1e-6",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         sys.exit("intuitor.py failed: " + p.stderr[-2000:])
@@ -148,10 +204,15 @@ def step_trl(path, a):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rows = load_dataset("json", data_files=a.data, split="train")
-    ds = rows.map(lambda r: {"prompt": [{"role": "system", "content": I.SYSTEM_PROMPT}, {"role": "user", "content": r["problem"]}]})
+    ds = rows.map(
+        lambda r: {
+            "prompt": [{"role": "system", "content": I.SYSTEM_PROMPT}, {"role": "user", "content": r["problem"]}]
+        }
+    )
     holder = {}
 
     def self_certainty_reward(prompts, completions, completion_ids, **_):
@@ -161,7 +222,7 @@ def step_trl(path, a):
         with torch.no_grad():
             for text, ids in zip(texts, completion_ids):
                 p = tok(text, add_special_tokens=False).input_ids
-                logits = m(input_ids=torch.tensor([p + list(ids)])).logits[0, len(p) - 1:-1]
+                logits = m(input_ids=torch.tensor([p + list(ids)])).logits[0, len(p) - 1 : -1]
                 rewards.append(I.self_certainty(logits).mean().item())
         return rewards
 
@@ -175,12 +236,31 @@ def step_trl(path, a):
             times.append(time.time() - self.t0)
 
     n = a.prompts * a.G
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.mbs, gradient_accumulation_steps=n // a.mbs,
-                     num_generations=a.G, max_completion_length=a.length, beta=a.beta, learning_rate=1e-6,
-                     temperature=0.9, max_steps=a.steps, use_cpu=True, report_to="none", save_strategy="no",
-                     logging_steps=1000, disable_tqdm=True, seed=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[self_certainty_reward], args=cfg, train_dataset=ds,
-                          processing_class=tok, callbacks=[Timer()])
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=a.mbs,
+        gradient_accumulation_steps=n // a.mbs,
+        num_generations=a.G,
+        max_completion_length=a.length,
+        beta=a.beta,
+        learning_rate=1e-6,
+        temperature=0.9,
+        max_steps=a.steps,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[self_certainty_reward],
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[Timer()],
+    )
     holder["trainer"] = trainer
     trainer.train()
     return times[1:]
@@ -192,16 +272,21 @@ def step(args):
         return
     path = model_dir(args)
     ours, trl = [], []
-    for rnd in range(args.rounds):  # alternate A B A B so drift in machine load hits both
+    for _ in range(args.rounds):  # alternate A B A B so drift in machine load hits both
         with tempfile.TemporaryDirectory() as out:
             ours += step_ours(path, args, out)
-        p = subprocess.run([sys.executable, __file__, "step", "--trl_child", path, *sys.argv[2:]], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "step", "--trl_child", path, *sys.argv[2:]], capture_output=True, text=True
+        )
         if p.returncode:
             sys.exit("TRL run failed (pip install trl): " + p.stderr.strip().splitlines()[-1])
         trl += json.loads(p.stdout.strip().splitlines()[-1])
     mo, mt = statistics.median(ours), statistics.median(trl)
-    print(f"\n2. seconds per training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts x G={args.G}, "
-          f"{args.length} new tokens, beta {args.beta}, micro-batch {args.mbs}, fp32, CPU {os.cpu_count()} cores, {args.rounds} rounds A B")
+    print(
+        f"\n2. seconds per training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
+        f"x G={args.G}, {args.length} new tokens, beta {args.beta}, micro-batch {args.mbs}, fp32, "
+        f"CPU {os.cpu_count()} cores, {args.rounds} rounds A B"
+    )
     print("| implementation | median s/step | steps timed |\n|---|---|---|")
     print(f"| intuitor.py | {mo:.2f} | {len(ours)} |\n| TRL GRPOTrainer + SC reward forward | {mt:.2f} | {len(trl)} |")
     print(f"ratio intuitor / TRL = {mo / mt:.2f}  ({mt / mo:.2f}x faster)")
@@ -210,24 +295,41 @@ def step(args):
 # ----------------------------------------------------------------------------- 3. sampling throughput
 def sampling(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = model_dir(args)
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
-    rows = [json.loads(line) for line in open(args.data)][:args.prompts]
-    prompts = [tok(I.render_prompt(tok, r["problem"], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids for r in rows]
+    rows = [json.loads(line) for line in open(args.data)][: args.prompts]
+    prompts = [
+        tok(common.render_prompt(tok, r["problem"], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids for r in rows
+    ]
     n = len(prompts) * args.G
 
     def ours():
         out = I.sample(lm, prompts, args.G, args.length, 0.9, [], tok.pad_token_id)  # no stop: exactly `length` tokens
-        return sum(len(r["completion"]) for r in out)
+        return sum(len(r.completion) for r in out)
 
     def generate():
         width = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(args.G)], device=args.device)
-        mask = (torch.arange(width, device=args.device)[None] >= torch.tensor([width - len(p) for p in prompts for _ in range(args.G)], device=args.device)[:, None]).long()
+        ids = torch.tensor(
+            [[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(args.G)], device=args.device
+        )
+        mask = (
+            torch.arange(width, device=args.device)[None]
+            >= torch.tensor([width - len(p) for p in prompts for _ in range(args.G)], device=args.device)[:, None]
+        ).long()
         with torch.no_grad():
-            out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.9, top_k=0, top_p=1.0,
-                              max_new_tokens=args.length, min_new_tokens=args.length, pad_token_id=tok.pad_token_id)
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.9,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.length,
+                min_new_tokens=args.length,
+                pad_token_id=tok.pad_token_id,
+            )
         return (out.shape[1] - width) * out.shape[0]
 
     res = {"intuitor.sample (SC + entropy on)": [], "model.generate": []}
@@ -239,8 +341,10 @@ def sampling(args):
                 torch.cuda.synchronize()
             res[name].append(tokens / (time.time() - t0))
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"\n3. sampling, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {len(prompts)} prompts x G={args.G} = {n} sequences x "
-          f"{args.length} tokens, fp32, {dev}, {args.rounds} rounds alternating")
+    print(
+        f"\n3. sampling, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {len(prompts)} prompts x G={args.G} = "
+        f"{n} sequences x {args.length} tokens, fp32, {dev}, {args.rounds} rounds alternating"
+    )
     print("| sampler | median tokens/s |\n|---|---|")
     for name, v in res.items():
         print(f"| {name} | {statistics.median(v):.0f} |")
@@ -250,7 +354,9 @@ def sampling(args):
 
 if __name__ == "__main__":
     if sys.argv[1] == "_memory_child":
-        memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), bool(int(sys.argv[6])), sys.argv[7])
+        memory_child(
+            sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), bool(int(sys.argv[6])), sys.argv[7]
+        )
         sys.exit()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["memory", "step", "sampling"])
@@ -258,7 +364,9 @@ if __name__ == "__main__":
     ap.add_argument("--hidden", type=int, default=1536, help="memory: hidden size (Qwen2.5-1.5B)")
     ap.add_argument("--vocab", type=int, default=151936, help="memory: vocabulary (Qwen2.5)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--gguf", default="", help="step/sampling: a GGUF model file (SmolLM2-135M-Instruct) instead of the tiny model")
+    ap.add_argument(
+        "--gguf", default="", help="step/sampling: a GGUF model file (SmolLM2-135M-Instruct) instead of the tiny model"
+    )
     ap.add_argument("--data", default=os.path.join(ROOT, "tests", "data", "math_tiny.jsonl"))
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--G", type=int, default=4)

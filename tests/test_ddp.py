@@ -1,20 +1,36 @@
 """torch.distributed on CPU (gloo, 2 processes): the same program as one process, proven by its weights."""
+
 import json
 import os
 import shutil
 
 import pytest
 import torch
-
 from conftest import DATA, ROOT, torchrun
 
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
 
 
 def train_args(model, out, *extra):
-    return ["--model", model, "--dataset", DATA, "--prompts_per_step", "4", "--num_generations", "3",
-            "--max_completion_length", "10", "--micro_batch_size", "2", "--learning_rate", "1e-3",
-            "--output_dir", str(out), *extra]
+    return [
+        "--model",
+        model,
+        "--dataset",
+        DATA,
+        "--prompts_per_step",
+        "4",
+        "--num_generations",
+        "3",
+        "--max_completion_length",
+        "10",
+        "--micro_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def metrics(out):
@@ -27,6 +43,7 @@ def test_two_ranks_stay_bit_identical(tiny_dir, tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     init = torch.load(tmp_path / "rank0.pt")  # and they did move
     from transformers import AutoModelForCausalLM
+
     start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
     assert any(not torch.equal(init[k], start[k]) for k in init)
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # rank 0 alone writes
@@ -52,7 +69,13 @@ def test_checkpoints_move_between_world_sizes(tiny_dir, tmp_path):
     for src, nproc, dst in ((two, 1, tmp_path / "two_to_one"), (one, 2, tmp_path / "one_to_two")):
         os.makedirs(dst)
         shutil.copytree(src / "checkpoint-2", dst / "checkpoint-2")
-        torchrun(nproc, WORKER, "train", str(tmp_path), *train_args(tiny_dir, dst, "--max_steps", "4", "--save_steps", "2", "--resume"))
+        torchrun(
+            nproc,
+            WORKER,
+            "train",
+            str(tmp_path),
+            *train_args(tiny_dir, dst, "--max_steps", "4", "--save_steps", "2", "--resume"),
+        )
         resumed = metrics(dst)
         assert [r["step"] for r in resumed] == [3, 4]
         assert [r["train/lr"] for r in resumed] == [r["train/lr"] for r in metrics(src)[2:]]  # schedule restored
@@ -60,7 +83,12 @@ def test_checkpoints_move_between_world_sizes(tiny_dir, tmp_path):
 
 
 def test_prompts_per_step_must_divide_by_world_size(tiny_dir, tmp_path):
-    p = torchrun(2, os.path.join(ROOT, "intuitor.py"), *train_args(tiny_dir, tmp_path / "x", "--prompts_per_step", "3"), check=False)
+    p = torchrun(
+        2,
+        os.path.join(ROOT, "intuitor.py"),
+        *train_args(tiny_dir, tmp_path / "x", "--prompts_per_step", "3"),
+        check=False,
+    )
     assert p.returncode != 0
     assert p.stderr.count("error: --prompts_per_step (3) must be a positive multiple of the world size (2)") == 1
     assert not (tmp_path / "x").exists()

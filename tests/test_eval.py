@@ -1,12 +1,14 @@
 """eval.py: grading, statistics against hand-computed values, best-of-N selectors, and the script end to end."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, torchrun
+
+import common as T
 import eval as E
 
 DATA = os.path.join(ROOT, "tests", "data")
@@ -15,32 +17,35 @@ DATA = os.path.join(ROOT, "tests", "data")
 # ---------------------------------------------------------------- grading
 def test_boxed_extraction_with_nested_braces():
     text = "First \\boxed{2}. Finally $\\boxed{\\dfrac{3}{\\sqrt{2}}}$ done."
-    assert E.last_boxed(text) == "\\dfrac{3}{\\sqrt{2}}"
-    assert E.last_boxed("no box here") is None
-    assert E.last_boxed("\\boxed{unclosed") is None
-    assert E.last_boxed("\\fbox{7}") == "7"
+    assert T.last_boxed(text) == "\\dfrac{3}{\\sqrt{2}}"
+    assert T.last_boxed("no box here") is None
+    assert T.last_boxed("\\boxed{unclosed") is None
+    assert T.last_boxed("\\fbox{7}") == "7"
 
 
 def test_gold_answers():
-    assert E.gold_answer({"answer": "She pays 36 + 36 = 72.\n#### 72"}, "gsm8k") == "72"
-    assert E.gold_answer({"answer": "#### 1,234"}, "gsm8k") == "1234"
-    assert E.gold_answer({"answer": "\\frac{14}{3}", "solution": "\\boxed{x}"}, "math500") == "\\frac{14}{3}"
-    assert E.gold_answer({"solution": "so $\\boxed{\\frac{1}{2}}$."}, "math500") == "\\frac{1}{2}"
+    assert T.gold_answer("She pays 36 + 36 = 72.\n#### 72", "answer") == "72"
+    assert T.gold_answer("#### 1,234", "answer") == "1234"
+    assert T.gold_answer("\\frac{14}{3}", "answer") == "\\frac{14}{3}"
+    assert T.gold_answer("so $\\boxed{\\frac{1}{2}}$.", "solution") == "\\frac{1}{2}"
 
 
-@pytest.mark.parametrize("completion,bench,gold,correct", [
-    ("The answer is \\boxed{0.5}.", "math500", "\\frac{1}{2}", True),       # decimal vs fraction
-    ("\\boxed{\\frac{1}{2}}", "math500", "0.5", True),
-    ("\\boxed{\\dfrac{14}{3}}", "math500", "\\frac{14}{3}", True),
-    ("\\boxed{3}", "math500", "\\frac{14}{3}", False),
-    ("I am not sure.", "math500", "4", False),                             # no answer -> incorrect
-    ("She earns 1,234 dollars in total.", "gsm8k", "1234", True),          # commas, last number
-    ("3 apples and 4 pears make 7.", "gsm8k", "7", True),
-    ("So \\boxed{72} and then 5 more words 9", "gsm8k", "72", True),      # the box wins over the last number
-    ("no digits at all", "gsm8k", "72", False),
-])
+@pytest.mark.parametrize(
+    "completion,bench,gold,correct",
+    [
+        ("The answer is \\boxed{0.5}.", "math500", "\\frac{1}{2}", True),  # decimal vs fraction
+        ("\\boxed{\\frac{1}{2}}", "math500", "0.5", True),
+        ("\\boxed{\\dfrac{14}{3}}", "math500", "\\frac{14}{3}", True),
+        ("\\boxed{3}", "math500", "\\frac{14}{3}", False),
+        ("I am not sure.", "math500", "4", False),  # no answer -> incorrect
+        ("She earns 1,234 dollars in total.", "gsm8k", "1234", True),  # commas, last number
+        ("3 apples and 4 pears make 7.", "gsm8k", "7", True),
+        ("So \\boxed{72} and then 5 more words 9", "gsm8k", "72", True),  # the box wins over the last number
+        ("no digits at all", "gsm8k", "72", False),
+    ],
+)
 def test_grading(completion, bench, gold, correct):
-    assert E.is_correct(E.extract_answer(completion, bench), gold) is correct
+    assert T.is_correct(T.extract_answer(completion, E.BENCHMARKS[bench][3]), gold) is correct
 
 
 # ---------------------------------------------------------------- statistics (hand-computed)
@@ -70,15 +75,15 @@ def test_wilson_interval():
 def test_majority_and_self_certainty_disagree():
     answers, sc = ["3", "5", "5", "7"], [0.9, 0.1, 0.2, 0.3]
     chosen = E.select(answers, sc, p=0.5)
-    assert chosen["self_certainty"] == 0           # the most certain sample says 3
-    assert chosen["majority"] == 2                 # two samples say 5; its most certain one is index 2
+    assert chosen["self_certainty"] == 0  # the most certain sample says 3
+    assert chosen["majority"] == 2  # two samples say 5; its most certain one is index 2
     # Borda, N = 4, p = .5: ranks by SC 0,3,2,1 score 2, 1.732, 1.414, 1 -> "3": 2, "7": 1.732, "5": 2.414
     assert chosen["borda"] == 2
 
 
 def test_borda_can_overrule_majority():
     answers, sc = ["3", "3", "5", "5", "5"], [0.9, 0.8, 0.1, 0.2, 0.3]
-    chosen = E.select(answers, sc, p=1.0)          # "3": 5 + 4 = 9, "5": 3 + 2 + 1 = 6
+    chosen = E.select(answers, sc, p=1.0)  # "3": 5 + 4 = 9, "5": 3 + 2 + 1 = 6
     assert answers[chosen["majority"]] == "5" and answers[chosen["borda"]] == "3"
 
 
@@ -91,37 +96,101 @@ def test_equivalent_answers_vote_together_and_no_answer_never_wins():
 # ---------------------------------------------------------------- the script
 def run_eval(tiny_dir, out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--max_new_tokens", "6",
-                        "--batch_size", "4", "--output", str(out), *extra], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "eval.py"),
+            "--model",
+            tiny_dir,
+            "--max_new_tokens",
+            "6",
+            "--batch_size",
+            "4",
+            "--output",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return [json.loads(line) for line in open(out)], json.load(open(str(out).replace(".jsonl", ".summary.json")))
 
 
 def test_eval_script_math500(tiny_dir, tmp_path):
-    records, summary = run_eval(tiny_dir, tmp_path / "r.jsonl", "--benchmark", "math500",
-                                "--data", os.path.join(DATA, "math500_tiny.jsonl"), "--limit", "5")
+    records, summary = run_eval(
+        tiny_dir,
+        tmp_path / "r.jsonl",
+        "--benchmark",
+        "math500",
+        "--data",
+        os.path.join(DATA, "math500_tiny.jsonl"),
+        "--limit",
+        "5",
+    )
     assert len(records) == 5 and summary["n_problems"] == 5
-    for key in ("problem", "completion", "extracted", "gold", "correct", "self_certainty", "length", "truncated", "subject", "level"):
+    for key in (
+        "problem",
+        "completion",
+        "extracted",
+        "gold",
+        "correct",
+        "self_certainty",
+        "length",
+        "truncated",
+        "subject",
+        "level",
+    ):
         assert key in records[0], key
     assert records[0]["gold"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    for key in ("accuracy", "accuracy_ci95", "accuracy_by_subject", "accuracy_by_level", "mean_length",
-                "truncated_frac", "self_certainty_vs_correctness"):
+    for key in (
+        "accuracy",
+        "accuracy_ci95",
+        "accuracy_by_subject",
+        "accuracy_by_level",
+        "mean_length",
+        "truncated_frac",
+        "self_certainty_vs_correctness",
+    ):
         assert key in summary, key
 
 
 def test_eval_script_gsm8k_best_of_n(tiny_dir, tmp_path):
-    records, summary = run_eval(tiny_dir, tmp_path / "r.jsonl", "--benchmark", "gsm8k",
-                                "--data", os.path.join(DATA, "gsm8k_tiny.jsonl"), "--n", "3", "--temperature", "1.0")
+    records, summary = run_eval(
+        tiny_dir,
+        tmp_path / "r.jsonl",
+        "--benchmark",
+        "gsm8k",
+        "--data",
+        os.path.join(DATA, "gsm8k_tiny.jsonl"),
+        "--n",
+        "3",
+        "--temperature",
+        "1.0",
+    )
     assert len(records) == 6 and all(len(r["samples"]) == 3 for r in records)
     assert records[0]["gold"] == "18"
     for rule in ("self_certainty", "majority", "borda", "pass@n"):
         assert 0 <= summary[f"best_of_n/{rule}"] <= 1
-    assert summary["best_of_n/pass@n"] >= max(summary[f"best_of_n/{r}"] for r in ("self_certainty", "majority", "borda"))
+    assert summary["best_of_n/pass@n"] >= max(
+        summary[f"best_of_n/{r}"] for r in ("self_certainty", "majority", "borda")
+    )
 
 
 def test_eval_under_torchrun_gathers_all_problems_in_order(tiny_dir, tmp_path):
-    args = ["--model", tiny_dir, "--benchmark", "gsm8k", "--data", os.path.join(DATA, "gsm8k_tiny.jsonl"),
-            "--max_new_tokens", "6", "--batch_size", "2"]
+    args = [
+        "--model",
+        tiny_dir,
+        "--benchmark",
+        "gsm8k",
+        "--data",
+        os.path.join(DATA, "gsm8k_tiny.jsonl"),
+        "--max_new_tokens",
+        "6",
+        "--batch_size",
+        "2",
+    ]
     one, _ = run_eval(tiny_dir, tmp_path / "one.jsonl", *args[2:])
     torchrun(2, os.path.join(ROOT, "eval.py"), *args, "--output", str(tmp_path / "two.jsonl"))
     two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
@@ -131,10 +200,26 @@ def test_eval_under_torchrun_gathers_all_problems_in_order(tiny_dir, tmp_path):
 
 def test_plot_subcommand(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": i, "train/self_certainty": 0.1 * i, "train/completion_length": 10 + i,
-                                           "train/kl": 0.01 * i, "train/accuracy": 0.5}) + "\n" for i in range(1, 5)))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "intuitor.py"), "plot", str(metrics), str(tmp_path / "c.png")],
-                       capture_output=True, text=True)
+    metrics.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "step": i,
+                    "train/self_certainty": 0.1 * i,
+                    "train/completion_length": 10 + i,
+                    "train/kl": 0.01 * i,
+                    "train/accuracy": 0.5,
+                }
+            )
+            + "\n"
+            for i in range(1, 5)
+        )
+    )
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "intuitor.py"), "plot", str(metrics), str(tmp_path / "c.png")],
+        capture_output=True,
+        text=True,
+    )
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # optional dependency: a clear line instead

@@ -1,16 +1,16 @@
 """Each equation against a plain float64 reference, alignment under left padding, and the script end to end."""
+
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import DATA, ROOT, make_model
+
 import intuitor as I
 
 
@@ -82,23 +82,25 @@ def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokeniz
     stop = list(range(40, 52))  # many stop ids, so sequences end at different steps
     torch.manual_seed(0)
     rollouts = I.sample(lm, prompts, 3, 24, 1.0, stop, tokenizer.pad_token_id)
-    lengths = [len(r["completion"]) for r in rollouts]
-    assert len(set(lengths)) > 2 and any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
+    lengths = [len(r.completion) for r in rollouts]
+    assert len(set(lengths)) > 2 and any(not r.truncated for r in rollouts) and any(r.truncated for r in rollouts)
     for r in rollouts:
-        assert r["truncated"] == (r["completion"][-1] not in stop)
-        assert all(t not in stop for t in r["completion"][:-1])
+        assert r.truncated == (r.completion[-1] not in stop)
+        assert all(t not in stop for t in r.completion[:-1])
 
     # independent reference: each sequence alone, no padding, no cache, full logits in float64
     scorer = I.CompletionLogProbs(lm, 0.8, chunk_size=5, vocab_chunk=64)
     with torch.no_grad():
         batched = scorer(*I.collate(rollouts, tokenizer.pad_token_id, "cpu"))
         for k, r in enumerate(rollouts):
-            ids = torch.tensor([r["prompt"] + r["completion"]])
-            logits = lm(input_ids=ids).logits[0, len(r["prompt"]) - 1:-1].double()  # position i-1 predicts i
-            assert r["self_certainty"] == pytest.approx(naive_self_certainty(logits).mean().item(), abs=1e-4)
-            n = len(r["completion"])
-            torch.testing.assert_close(batched["self_certainty"][k, :n].double(), naive_self_certainty(logits), atol=1e-4, rtol=1e-4)
-            ref_logp = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(r["completion"])[:, None]).squeeze(1)
+            ids = torch.tensor([r.prompt + r.completion])
+            logits = lm(input_ids=ids).logits[0, len(r.prompt) - 1 : -1].double()  # position i-1 predicts i
+            assert r.self_certainty == pytest.approx(naive_self_certainty(logits).mean().item(), abs=1e-4)
+            n = len(r.completion)
+            torch.testing.assert_close(
+                batched["self_certainty"][k, :n].double(), naive_self_certainty(logits), atol=1e-4, rtol=1e-4
+            )
+            ref_logp = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(r.completion)[:, None]).squeeze(1)
             torch.testing.assert_close(batched["logp"][k, :n].double(), ref_logp, atol=1e-4, rtol=1e-4)
             assert (batched["logp"][k, n:] == 0).all()
 
@@ -107,10 +109,10 @@ def test_greedy_groups_are_identical_and_prompt_is_shared(tokenizer):
     lm = make_model(tokenizer, seed=4, head_scale=4.0)
     prompts = [tokenizer("What is 2 + 3?").input_ids, tokenizer("y").input_ids]
     rollouts = I.sample(lm, prompts, 2, 10, 0.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    assert rollouts[0]["completion"] == rollouts[1]["completion"] and rollouts[2]["completion"] == rollouts[3]["completion"]
-    assert [r["prompt"] for r in rollouts] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert rollouts[0].completion == rollouts[1].completion and rollouts[2].completion == rollouts[3].completion
+    assert [r.prompt for r in rollouts] == [prompts[0]] * 2 + [prompts[1]] * 2
     alone = I.sample(lm, prompts[1:], 1, 10, 0.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    assert alone[0]["completion"] == rollouts[2]["completion"]  # padding changes nothing
+    assert alone[0].completion == rollouts[2].completion  # padding changes nothing
 
 
 # ---------------------------------------------------------------- advantages and loss
@@ -164,19 +166,24 @@ def fixed_rollouts(tokenizer, lm, n_prompts=2, G=3):
     rollouts = I.sample(lm, prompts, G, 12, 1.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G)
     for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, G).tolist()):
-        r["advantage"] = a
+        r.advantage = a
     return rollouts
 
 
 def one_update(tokenizer, rollouts, micro_batch_size, loss_type):
     lm = make_model(tokenizer, seed=6, head_scale=4.0)
-    args = SimpleNamespace(micro_batch_size=micro_batch_size, num_iterations=1, beta=0.05, epsilon=0.2,
-                           epsilon_high=0.2, loss_type=loss_type, max_grad_norm=1e9)
     ref = I.CompletionLogProbs(make_model(tokenizer, seed=6, head_scale=3.0), 1.0, 8, 64)
-    I.reference_pass(ref, rollouts, args, tokenizer.pad_token_id)
+    I.reference_pass(ref, rollouts, micro_batch_size, tokenizer.pad_token_id)
     opt = torch.optim.SGD(lm.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m = I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, args, tokenizer.pad_token_id)
+    m = I.optimize(
+        I.CompletionLogProbs(lm, 1.0, 8, 64),
+        opt,
+        sched,
+        rollouts,
+        tokenizer.pad_token_id,
+        I.UpdateConfig(0.05, 0.2, 0.2, loss_type, micro_batch_size, 1, 1e9),
+    )
     return lm, m
 
 
@@ -192,15 +199,32 @@ def test_update_does_not_depend_on_micro_batch_size(tokenizer, loss_type):
 # ---------------------------------------------------------------- the script end to end
 def run(*argv, check=True):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "intuitor.py"), *argv], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "intuitor.py"), *argv], capture_output=True, text=True, env=env
+    )
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
 
 
 def small_run(model, out, *extra):
-    return run("--model", model, "--dataset", DATA, "--prompts_per_step", "2", "--num_generations", "4",
-               "--max_completion_length", "16", "--micro_batch_size", "3", "--output_dir", str(out), *extra)
+    return run(
+        "--model",
+        model,
+        "--dataset",
+        DATA,
+        "--prompts_per_step",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "16",
+        "--micro_batch_size",
+        "3",
+        "--output_dir",
+        str(out),
+        *extra,
+    )
 
 
 def metrics(out):
@@ -209,12 +233,25 @@ def metrics(out):
 
 def test_script_writes_metrics_and_loadable_checkpoint(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
+
     small_run(tiny_dir, tmp_path, "--max_steps", "3", "--save_steps", "2")
     recs = metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3]
-    for key in ("train/self_certainty", "train/self_certainty_std", "train/completion_length", "train/completion_length_max",
-                "train/truncated_frac", "train/kl", "train/clip_frac", "train/loss", "train/grad_norm", "train/lr",
-                "perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"):
+    for key in (
+        "train/self_certainty",
+        "train/self_certainty_std",
+        "train/completion_length",
+        "train/completion_length_max",
+        "train/truncated_frac",
+        "train/kl",
+        "train/clip_frac",
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "perf/sample_tokens_per_s",
+        "perf/sample_s",
+        "perf/update_s",
+    ):
         assert all(math.isfinite(r[key]) for r in recs), key
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-3")
@@ -224,6 +261,7 @@ def test_script_writes_metrics_and_loadable_checkpoint(tiny_dir, tmp_path):
 
 def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     from safetensors.torch import load_file
+
     a, b = tmp_path / "a", tmp_path / "b"
     small_run(tiny_dir, a, "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3")
     os.makedirs(b)
@@ -232,7 +270,9 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     wa, wb = load_file(a / "checkpoint-4" / "model.safetensors"), load_file(b / "checkpoint-4" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in metrics(b)] == [3, 4]
-    assert metrics(a)[2:] == [{**r, **{k: v for k, v in m.items() if k.startswith("perf/")}} for r, m in zip(metrics(b), metrics(a)[2:])]
+    assert metrics(a)[2:] == [
+        {**r, **{k: v for k, v in m.items() if k.startswith("perf/")}} for r, m in zip(metrics(b), metrics(a)[2:])
+    ]
 
 
 def test_training_raises_self_certainty_and_negated_control_does_not(tokenizer, tmp_path):
@@ -246,27 +286,58 @@ def test_training_raises_self_certainty_and_negated_control_does_not(tokenizer, 
     gain = {}
     for sign in ("1", "-1"):
         out = tmp_path / f"run{sign}"
-        run("--model", path, "--dataset", DATA, "--prompts_per_step", "4", "--num_generations", "8",
-            "--max_completion_length", "8", "--micro_batch_size", "8", "--output_dir", str(out), "--max_steps", "30",
-            "--learning_rate", "2e-4", "--beta", "0", "--warmup_ratio", "0", "--reward", f"self_certainty={sign}",
-            "--save_steps", "0")
+        run(
+            "--model",
+            path,
+            "--dataset",
+            DATA,
+            "--prompts_per_step",
+            "4",
+            "--num_generations",
+            "8",
+            "--max_completion_length",
+            "8",
+            "--micro_batch_size",
+            "8",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "30",
+            "--learning_rate",
+            "2e-4",
+            "--beta",
+            "0",
+            "--warmup_ratio",
+            "0",
+            "--reward",
+            f"self_certainty={sign}",
+            "--save_steps",
+            "0",
+        )
         curve = [r["train/self_certainty"] for r in metrics(out)]
         gain[sign] = sum(curve[-5:]) / 5 - sum(curve[:5]) / 5
     assert gain["1"] > 0.3, gain
     assert gain["-1"] < 0.1, gain
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--prompt_column", "question"], "--prompt_column"),
-    (["--num_generations", "1"], "--num_generations"),
-    (["--model", "./no/such/model"], "--model"),
-    (["--prompts_per_step", "100"], "--prompts_per_step"),
-    (["--reward", "gold"], "--reward"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--prompt_column", "question"], "--prompt_column"),
+        (["--num_generations", "1"], "--num_generations"),
+        (["--model", "./no/such/model"], "--model"),
+        (["--prompts_per_step", "100"], "--prompts_per_step"),
+        (["--reward", "gold"], "--reward"),
+    ],
+)
 def test_bad_input_fails_with_one_clear_line(tiny_dir, tmp_path, argv, needle):
     out = tmp_path / "out"
-    args = dict(zip(["--model", "--dataset", "--output_dir", "--prompts_per_step", "--num_generations"],
-                    [tiny_dir, DATA, str(out), "2", "4"]))
+    args = dict(
+        zip(
+            ["--model", "--dataset", "--output_dir", "--prompts_per_step", "--num_generations"],
+            [tiny_dir, DATA, str(out), "2", "4"],
+        )
+    )
     args.update(zip(argv[::2], argv[1::2]))
     p = run(*[x for kv in args.items() for x in kv], check=False)
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
@@ -277,8 +348,21 @@ def test_bad_input_fails_with_one_clear_line(tiny_dir, tmp_path, argv, needle):
 
 def test_reused_rollouts_gradient_checkpointing_and_grpo_loss(tiny_dir, tmp_path):
     # mu = 2: the second optimizer step reuses the rollouts, with rho against the stored sampling log-probs
-    small_run(tiny_dir, tmp_path, "--max_steps", "2", "--num_iterations", "2", "--gradient_checkpointing",
-              "--loss_type", "grpo", "--learning_rate", "5e-2", "--save_steps", "0")
+    small_run(
+        tiny_dir,
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--num_iterations",
+        "2",
+        "--gradient_checkpointing",
+        "--loss_type",
+        "grpo",
+        "--learning_rate",
+        "5e-2",
+        "--save_steps",
+        "0",
+    )
     recs = metrics(tmp_path)
     assert len(recs) == 2 and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in recs)
     assert any(r["train/clip_frac"] > 0 for r in recs)  # pi moved away from pi_old in the second pass

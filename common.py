@@ -1,0 +1,556 @@
+"""
+What intuitor.py (training) and eval.py (evaluation) share around the algorithm, so that both read as their
+method: one error line for bad input, ranks and devices, models, questions and how their answers are graded
+(the GRPO / GRPO-PV rewards and every benchmark use the same grader; INTUITOR itself never reads a gold
+answer), and run directories with their checkpoints. Nothing here imports intuitor.py or eval.py.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections import Counter
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
+from functools import cache
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+def die(msg):
+    """Bad input ends here: one line naming the fix, exit status 1, no traceback (printed by rank 0 only)."""
+    raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+# ----------------------------------------------------------------------------- distributed setup
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world_size` (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK;
+    plain python is one process), its device, and whether compute runs under bf16 autocast."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+
+def runtime_from_env(device="auto", dtype="auto"):
+    """Rank, world size and device from the environment, without touching the device."""
+    rank, world_size, local_rank = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)
+    where = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return Runtime(rank, max(world_size, 1), local_rank, where, bf16)
+
+
+def init_distributed(rt):
+    """Select the GPU and join the process group (NCCL on CUDA, gloo on CPU) when there are several ranks."""
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)
+    if rt.world_size > 1:
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    """Sum (or max) a float or tensor over ranks; identity in a single process."""
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+# ----------------------------------------------------------------------------- models
+def load_model(name, device):
+    """Policy + tokenizer from a hub id, a local directory, or a local .gguf file (dequantised to fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if name.endswith(".gguf"):
+        try:
+            import accelerate  # noqa: F401  (transformers needs both to read GGUF)
+            import gguf  # noqa: F401
+        except ImportError:
+            die("loading a .gguf model needs two optional packages: pip install gguf accelerate")
+        kwargs, name = {"gguf_file": os.path.basename(name)}, os.path.dirname(os.path.abspath(name))
+    elif not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        die(f"--model {name!r}: no such file or directory; pass a hub id, a local model directory or a .gguf file")
+    elif not os.path.exists(name):
+        check_hub(name, "--model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        die(f"cannot load --model {name!r} ({str(e).splitlines()[0]}); pass a hub id, a model directory or a .gguf")
+    if getattr(lm.config, "quantization_config", None) is not None:
+        # GGUF weights arrive dequantised but tagged as quantised, which save_pretrained refuses: rebuild plainly.
+        del lm.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
+        plain.load_state_dict(lm.state_dict())
+        lm = plain
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
+        die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.to(device), tokenizer
+
+
+def stop_token_ids(tokenizer, lm):
+    """EOS ids of tokenizer and generation config, plus the chat template's end-of-turn token.
+
+    A base model (Qwen2.5-1.5B) prompted with a chat template ends its turn with <|im_end|>, which is not
+    its EOS; without this, every completion would run to max_completion_length."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(lm.generation_config, "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+    if tokenizer.chat_template:
+        turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "PROBE"}]
+        tail = tokenizer.apply_chat_template(turn, tokenize=False).split("PROBE")[-1]
+        after = tokenizer(tail, add_special_tokens=False).input_ids
+        if after and tokenizer.convert_ids_to_tokens(after[0]) in tokenizer.added_tokens_encoder:
+            ids.add(after[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def render_prompt(tokenizer, question, system_prompt):
+    """The prompt text the model sees: chat template with the paper's system prompt.
+
+    A tokenizer without a chat template falls back to plain "System: ...\n\nUser: ...\n\nAssistant:" text."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+# ----------------------------------------------------------------------------- questions
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_rows(path, split, flag="--dataset"):
+    """Rows of a hub dataset or a local .json/.jsonl/.parquet file, via datasets.load_dataset; never empty."""
+    from datasets import load_dataset
+
+    local = LOCAL_FORMATS.get(os.path.splitext(path)[1])
+    if not local and (os.path.isfile(path) or os.path.splitext(path)[1] in (".csv", ".tsv", ".txt")):
+        die(f"{flag} {path!r}: not a .json/.jsonl/.parquet file or a hub dataset; convert it to .jsonl")
+    if local and not os.path.isfile(path):
+        die(f"{flag} {path!r}: no such file")
+    if not local:
+        check_hub(path, flag)
+    try:
+        rows = load_dataset(local, data_files=path, split="train") if local else load_dataset(path, split=split)
+    except Exception as e:  # noqa: BLE001 - unreadable for any reason (malformed JSON, missing split): one line
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        die(f"cannot load {flag} {path!r} ({reason}); pass a hub dataset or a valid local .jsonl/.parquet file")
+    if len(rows) == 0:
+        die(f"{flag} {path!r} has no rows")
+    return rows
+
+
+@cache
+def hub_reachable():
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(name, flag):
+    """A hub id needs the hub, or the local cache in offline mode: fail in seconds, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
+        die(
+            f"{flag} {name!r}: the Hugging Face hub is unreachable; set HF_HUB_OFFLINE=1 to use the local cache, "
+            "or pass a local path"
+        )
+
+
+def load_questions(path, split, prompt_column, answer_column="", flag="--dataset", fix="pass --prompt_column"):
+    """(rows, questions, gold answers) of a dataset. A question that is not a non-empty string (null, a number)
+    means the wrong column or a broken file: rejected, not guessed at."""
+    rows = load_rows(path, split, flag)
+    if prompt_column not in rows.column_names:
+        die(f"{flag} {path!r} has no column {prompt_column!r} (columns: {', '.join(rows.column_names)}); {fix}")
+    questions = rows[prompt_column]
+    bad = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if bad:
+        die(
+            f"{flag} {path!r}: {len(bad)} of {len(questions)} rows have no question text in {prompt_column!r} "
+            f"(first: row {bad[0]}, {questions[bad[0]]!r}); fix the file or pick another column"
+        )
+    return rows, questions, gold_answers(rows, answer_column)
+
+
+class Prompt(NamedTuple):
+    ids: list  # prompt token ids, chat template applied
+    gold: str | None  # gold answer, for the accuracy reward and monitor only
+
+
+def load_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length):
+    """Tokenised prompts with their gold answers; those over max_prompt_length are skipped and counted."""
+    prompts, skipped = [], 0
+    for question, gold in zip(questions, golds):
+        ids = tokenizer(render_prompt(tokenizer, question, system_prompt), add_special_tokens=False).input_ids
+        if len(ids) > max_prompt_length:
+            skipped += 1
+        else:
+            prompts.append(Prompt(ids, gold))
+    return prompts, skipped
+
+
+def step_prompts(prompts, step, prompts_per_step, rank, world_size, seed):
+    """This rank's prompts of a step: a seeded shuffle per epoch that every rank agrees on, cut into
+    consecutive blocks, so no prompt repeats within an epoch and ranks never overlap."""
+    epoch, i = divmod(step, len(prompts) // prompts_per_step)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = prompts_per_step // world_size
+    start = i * prompts_per_step + rank * per_rank
+    return [prompts[j] for j in order[start : start + per_rank]]
+
+
+# ----------------------------------------------------------------------------- answers
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    return None
+
+
+def extract_answer(completion, answer_format):
+    """The prediction: the last \\boxed{} answer; with answer_format "number" (GSM8K-style), else the last
+    number of the completion. None when there is no answer."""
+    boxed = last_boxed(completion)
+    if boxed is not None or answer_format != "number":
+        return boxed
+    numbers = NUMBER.findall(completion)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def gold_answer(value, column):
+    """A gold answer from its column: the text after '####' (GSM8K), the last \\boxed{} of a `solution`,
+    else the value itself."""
+    value = str(value)
+    if "####" in value:
+        return value.split("####")[-1].strip().replace(",", "")
+    return last_boxed(value) if column == "solution" else value.strip()
+
+
+def gold_answers(rows, column=""):
+    """Gold answers of every row: `column`, else `answer`, else `solution`; None for all when there is none."""
+    if column and column not in rows.column_names:
+        die(f"--answer_column {column!r} is not a column (columns: {', '.join(rows.column_names)})")
+    column = column or next((c for c in ("answer", "solution") if c in rows.column_names), None)
+    if column is None:
+        return [None] * len(rows)
+    return [gold_answer(value, column) for value in rows[column]]
+
+
+def in_math_mode(latex):
+    return latex if "$" in latex else f"${latex}$"
+
+
+def is_correct(pred, gold):
+    """Mathematical equivalence by math-verify (fractions vs decimals, LaTeX vs plain); no answer is wrong."""
+    if pred is None or gold is None:
+        return False
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse(in_math_mode(gold)), parse(in_math_mode(pred))))
+    except Exception:  # math-verify raises on some malformed LaTeX; count it as wrong
+        return False
+
+
+def answer_clusters(answers):
+    """Group equivalent answers (math-verify), so '0.5' and '\\frac12' vote together; None never clusters."""
+    representatives, labels = [], []
+    for answer in answers:
+        if answer is None:
+            labels.append(None)
+            continue
+        match = next((k for k, rep in enumerate(representatives) if answer == rep or is_correct(answer, rep)), None)
+        if match is None:
+            representatives.append(answer)
+            match = len(representatives) - 1
+        labels.append(match)
+    return labels
+
+
+def plurality_votes(answers):
+    """GRPO-PV: 1 for answers equal (by math-verify) to the group's most common extracted answer; ties go to
+    the answer seen first, no answer scores 0."""
+    labels = answer_clusters(answers)
+    counts = Counter(label for label in labels if label is not None)
+    top = max(counts, key=lambda c: (counts[c], -c)) if counts else None
+    return [float(label is not None and label == top) for label in labels]
+
+
+# ----------------------------------------------------------------------------- run directories and checkpoints
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints(output_dir):
+    """Paths of output_dir/checkpoint-<step>, oldest first; other folders (checkpoint-6.bak) are ignored."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT.fullmatch, names) if m)
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def check_output_dir(output_dir, resume, overwrite):
+    """One run per output directory, checked before anything loads and without writing anything: it must be
+    a writable directory (or creatable), hold no earlier run unless resume or overwrite, and not be in use by
+    a running run. Returns the lock (the directory's descriptor) if the directory exists, else None."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        die(f"--output_dir {output_dir!r} is a file; pass a directory")
+    parent = output_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK):
+        die(f"--output_dir {output_dir!r} is not writable; pass another directory")
+    if not os.path.isdir(output_dir):
+        return None
+    lock = lock_directory(output_dir)
+    earlier = checkpoints(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))
+    if earlier and not (resume or overwrite):
+        die(
+            f"--output_dir {output_dir!r} holds an earlier run; pass --resume to continue it, "
+            "--overwrite_output_dir to replace it, or another directory"
+        )
+    return lock
+
+
+def lock_directory(path):
+    """An exclusive lock on the directory itself (nothing is left behind), held until the process ends."""
+    import fcntl
+
+    lock = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f"--output_dir {path!r} is in use by another run; wait for it or pass another directory")
+    return lock
+
+
+def open_output_dir(output_dir, overwrite, lock):
+    """Create and lock the output directory once everything has loaded; with overwrite, clear the old run."""
+    os.makedirs(output_dir, exist_ok=True)
+    lock = lock if lock is not None else lock_directory(output_dir)
+    if overwrite:
+        for path in checkpoints(output_dir):
+            shutil.rmtree(path)
+        with suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, "metrics.jsonl"))
+    return lock
+
+
+def resume_state(output_dir, device):
+    """(checkpoint path, trainer state) of the newest readable checkpoint, or (None, None). An unreadable one
+    (torn trainer_state.pt, missing or corrupt weights) is skipped with a message."""
+    from safetensors import safe_open
+
+    for path in reversed(checkpoints(output_dir)):
+        try:
+            state = torch.load(os.path.join(path, "trainer_state.pt"), map_location=device, weights_only=False)
+            with safe_open(os.path.join(path, "model.safetensors"), "pt") as weights:
+                for key in weights.keys():
+                    weights.get_slice(key)
+            return path, state
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not this checkpoint
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying the one before", flush=True)
+    if checkpoints(output_dir):
+        die(f"--resume: no readable checkpoint in {output_dir!r}; pass --overwrite_output_dir to start over")
+    return None, None
+
+
+def check_same_run(saved, current, may_change):
+    """--resume continues the same run: every saved argument except those in may_change must be unchanged."""
+    changed = [k for k in saved if k not in may_change and k in current and saved[k] != current[k]]
+    if changed:
+        diffs = ", ".join(f"--{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
+        die(f"--resume would make a different run ({diffs}); restore them or pass another --output_dir")
+
+
+def save_checkpoint(output_dir, lm, tokenizer, trainer_state, keep):
+    """model + tokenizer (save_pretrained) and the trainer state (optimizer, scheduler, step, args), written
+    to a temporary directory unique to this process and then renamed: a crash never leaves a half-written
+    checkpoint-N, and an existing checkpoint-N is replaced only once its successor is complete. Keeps the
+    newest `keep` checkpoints (0 = all). Weights holding NaN/inf are never written: the run stops instead."""
+    step = trainer_state["step"]
+    if not all(torch.isfinite(p).all() for p in lm.parameters()):
+        die(f"step {step}: the weights hold NaN/inf; no checkpoint written. Lower --learning_rate")
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp, old = (os.path.join(output_dir, f".{kind}-checkpoint-{step}-{os.getpid()}") for kind in ("tmp", "old"))
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    for path in checkpoints(output_dir)[:-keep] if keep else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    records = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def restart_metrics(path, step):
+    """Keep the records up to `step` (those after it will be redone), rewritten atomically."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
+def log_step(path, record, keys, max_steps):
+    """Append the step's record to metrics.jsonl and print its main numbers on one line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in keys if key in record)
+    print(f"step {record['step']}/{max_steps} | {shown}", flush=True)
+
+
+def show_completion(tokenizer, rollout):
+    text = tokenizer.decode(rollout.completion)[:1000]
+    print(f"--- sample completion (self-certainty {rollout.self_certainty:.3f}) ---\n{text}\n---", flush=True)
+
+
+# ----------------------------------------------------------------------------- flags and training curves
+def check_train_args(args, world_size):
+    """Every flag checked before anything loads; the first one out of range ends the run with one line."""
+    a, inf = args, math.inf
+    rules = [
+        (a.num_generations >= 2, "--num_generations must be >= 2: advantages are normalised within a group"),
+        (
+            a.prompts_per_step >= 1 and a.prompts_per_step % world_size == 0,
+            f"--prompts_per_step ({a.prompts_per_step}) must be a positive multiple of the world size ({world_size})",
+        ),
+        (
+            a.generation_batch_size >= 0 and a.generation_batch_size % a.num_generations == 0,
+            f"--generation_batch_size ({a.generation_batch_size}) must be a multiple of --num_generations (0 = all)",
+        ),
+        (0 < a.temperature < inf, "--temperature must be a number > 0 (GRPO needs distinct samples per group)"),
+        (0 < a.learning_rate < inf, "--learning_rate must be a number > 0"),
+        (0 <= a.beta < inf, "--beta must be a number >= 0 (0 skips the reference model)"),
+        (0 <= a.epsilon < 1 and 0 <= a.epsilon_high < inf, "--epsilon must be in [0, 1), --epsilon_high >= 0"),
+        (0 <= a.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (0 < a.max_grad_norm <= inf and 0 <= a.weight_decay < inf, "--max_grad_norm must be > 0, --weight_decay >= 0"),
+        (a.max_steps == -1 or a.max_steps >= 1, "--max_steps must be >= 1, or -1 for one epoch"),
+        (a.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here; pass --device cpu"),
+    ]
+    for name in (
+        "micro_batch_size",
+        "chunk_size",
+        "vocab_chunk_size",
+        "max_completion_length",
+        "num_iterations",
+        "max_prompt_length",
+    ):
+        rules.append((getattr(a, name) >= 1, f"--{name} must be >= 1"))
+    for name in ("save_steps", "save_total_limit", "log_completions_steps"):
+        rules.append((getattr(a, name) >= 0, f"--{name} must be >= 0"))
+    for ok, message in rules:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            die(message)
+    if a.resume and a.overwrite_output_dir:
+        die("--resume and --overwrite_output_dir contradict each other; pass one")
+
+
+def seed_step(seed, step, rank):
+    """Every (step, rank) gets its own stream: ranks sample differently, and a resumed run samples as an
+    uninterrupted one would."""
+    s = (seed * 1_000_003 + step * 1009 + rank) % 2**63
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+def parse_flags(dataclass_type, argv):
+    """Command-line flags into the dataclass; an unknown or malformed flag is one error line, not a traceback."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_type)
+
+    def usage_error(message):
+        die(f"{message}; run with --help to list the flags")
+
+    parser.error = usage_error
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        usage_error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+PANELS = [
+    ("self-certainty", ["train/self_certainty", "train/reward/self_certainty"]),
+    ("completion length (tokens)", ["train/completion_length", "train/completion_length_max"]),
+    ("KL to initial model", ["train/kl"]),
+    ("accuracy (monitor)", ["train/accuracy"]),
+]
+
+
+def plot_metrics(path, out=None):
+    """One PNG of a run's curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        die("plotting needs matplotlib: pip install matplotlib")
+    if not os.path.isfile(path):
+        die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl")
+    records = read_metrics(path)
+    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
+            if key == "train/reward/self_certainty" and online:
+                continue  # the reward is the policy's own SC, already drawn
+            ax.plot(
+                [r["step"] for r in records if key in r],
+                [r[key] for r in records if key in r],
+                label=key.split("/", 1)[1],
+            )
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = out or os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return out
