@@ -395,13 +395,18 @@ def check_same_run(saved, current, may_change):
         die(f"--resume would make a different run ({diffs}); restore them or pass another --output_dir")
 
 
+def all_finite(module):
+    """True if no parameter holds NaN/inf (one reduction, one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
+
+
 def save_checkpoint(output_dir, lm, tokenizer, trainer_state, keep):
     """model + tokenizer (save_pretrained) and the trainer state (optimizer, scheduler, step, args), written
     to a temporary directory unique to this process and then renamed: a crash never leaves a half-written
     checkpoint-N, and an existing checkpoint-N is replaced only once its successor is complete. Keeps the
     newest `keep` checkpoints (0 = all). Weights holding NaN/inf are never written: the run stops instead."""
     step = trainer_state["step"]
-    if not all(torch.isfinite(p).all() for p in lm.parameters()):
+    if not all_finite(lm):
         die(f"step {step}: the weights hold NaN/inf; no checkpoint written. Lower --learning_rate")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp, old = (os.path.join(output_dir, f".{kind}-checkpoint-{step}-{os.getpid()}") for kind in ("tmp", "old"))
@@ -449,6 +454,13 @@ def show_completion(tokenizer, rollout):
 
 
 # ----------------------------------------------------------------------------- flags and training curves
+# Flags that --resume may change: they do not change what the run computes.
+MAY_CHANGE_ON_RESUME = set(
+    """max_steps save_steps save_total_limit resume overwrite_output_dir device output_dir
+    log_completions_steps micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing""".split()
+)
+
+
 def check_train_args(args, world_size):
     """Every flag checked before anything loads; the first one out of range ends the run with one line."""
     a, inf = args, math.inf

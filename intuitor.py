@@ -97,13 +97,6 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto = cuda when available")
 
 
-# Flags that --resume may change: they do not change what the run computes.
-MAY_CHANGE_ON_RESUME = set(
-    """max_steps save_steps save_total_limit resume overwrite_output_dir device output_dir
-    log_completions_steps micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing""".split()
-)
-
-
 # ----------------------------------------------------------------------------- 1. sampling
 @dataclass
 class Rollout:
@@ -160,6 +153,8 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     cache = out.past_key_values
     cache.batch_repeat_interleave(num_generations)
     logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+    if not torch.isfinite(logits).all():
+        die("the model's logits hold NaN/inf: its weights are broken (a diverged run?); lower --learning_rate")
     mask = mask.repeat_interleave(num_generations, 0)
     pos = pos[:, -1:].repeat_interleave(num_generations, 0)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -448,7 +443,7 @@ def setup(args):
         die("--reward accuracy needs gold answers: the dataset has no `answer`/`solution` column; pass --answer_column")
     ckpt, state = common.resume_state(args.output_dir, "cpu") if args.resume else (None, None)
     if state is not None:
-        common.check_same_run(state["args"], asdict(args), MAY_CHANGE_ON_RESUME)
+        common.check_same_run(state["args"], asdict(args), common.MAY_CHANGE_ON_RESUME)
     common.init_distributed(rt)
     lm, tokenizer = common.load_model(ckpt or args.model, rt.device)
     prompts, skipped = common.load_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
@@ -557,6 +552,8 @@ def train(args):
         update = optimize(tr.model, tr.optimizer, tr.scheduler, rollouts, pad_id, config, tr.rt.autocast)
         update_s = time.time() - t0
         skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] else 0
+        if not common.all_finite(tr.lm):  # a finite gradient, too large a step: stop before anything is saved
+            die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
 
         # 5. log the step; checkpoint every save_steps and at the end
         record = step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s)

@@ -207,12 +207,8 @@ def run(*argv, check=True):
     return p
 
 
-def small_run(model, out, *extra):
-    return run(
-        "--model",
-        model,
-        "--dataset",
-        DATA,
+def small_run(model, out, *extra, check=True):
+    flags = [
         "--prompts_per_step",
         "2",
         "--num_generations",
@@ -221,10 +217,8 @@ def small_run(model, out, *extra):
         "16",
         "--micro_batch_size",
         "3",
-        "--output_dir",
-        str(out),
-        *extra,
-    )
+    ]
+    return run("--model", model, "--dataset", DATA, *flags, "--output_dir", str(out), *extra, check=check)
 
 
 def metrics(out):

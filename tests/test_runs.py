@@ -1,0 +1,239 @@
+"""Never lose or corrupt a run: every bad input is one error line before anything is written, NaN never reaches
+a checkpoint, one run per output directory, resume refuses a different run and survives a corrupt checkpoint."""
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DATA, ROOT
+from test_intuitor import metrics, small_run
+
+import intuitor as I
+
+OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def script(name, *argv, env=OFFLINE):
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *argv], capture_output=True, text=True, env=env)
+
+
+def assert_one_error_line(p, needle):
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def bad_datasets(tmp):
+    """name -> a local dataset file that must be refused with one line."""
+    return {
+        "empty": write_lines(tmp / "empty.jsonl", []),
+        "malformed": write_lines(tmp / "malformed.jsonl", ['{"problem": "What is 1 + 1?"}', '{"problem": ']),
+        "csv": write_lines(tmp / "data.csv", ["problem", "What is 1 + 1?"]),
+        "null": write_lines(tmp / "null.jsonl", [json.dumps({"problem": None})] * 4),
+        "number": write_lines(tmp / "number.jsonl", [json.dumps({"problem": i}) for i in range(4)]),
+    }
+
+
+TRAIN_CASES = [
+    (["--learning_rate", "nan"], "--learning_rate"),
+    (["--learning_rate", "inf"], "--learning_rate"),
+    (["--learning_rate", "-1"], "--learning_rate"),
+    (["--beta", "-1"], "--beta"),
+    (["--temperature", "0"], "--temperature"),
+    (["--epsilon", "1.5"], "--epsilon"),
+    (["--warmup_ratio", "2"], "--warmup_ratio"),
+    (["--max_grad_norm", "0"], "--max_grad_norm"),
+    (["--weight_decay", "nan"], "--weight_decay"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--save_steps", "-1"], "--save_steps"),
+    (["--save_total_limit", "-1"], "--save_total_limit"),
+    (["--micro_batch_size", "0"], "--micro_batch_size"),
+    (["--max_prompt_length", "0"], "--max_prompt_length"),
+    (["--generation_batch_size", "3"], "--generation_batch_size"),
+    (["--num_generations", "1"], "--num_generations"),
+    (["--reward", "accuracy=x"], "--reward"),
+    (["--device", "gpu"], "--device"),
+    (["--lr", "1e-5"], "--lr"),
+    (["--learning_rate"], "--learning_rate"),
+    (["--resume", "--overwrite_output_dir"], "--overwrite_output_dir"),
+    (["--model", "./no/such/model"], "--model"),
+    (["--dataset", "/no/such/file.jsonl"], "no such file"),
+    (["--prompt_column", "question"], "--prompt_column"),
+    (["--prompts_per_step", "100"], "--prompts_per_step"),
+    *[(["--dataset", name], "--dataset") for name in ("empty", "malformed", "csv", "null", "number")],
+]
+if not torch.cuda.is_available():
+    TRAIN_CASES.append((["--device", "cuda"], "--device cpu"))
+
+
+@pytest.mark.parametrize("argv,needle", TRAIN_CASES, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_training_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, argv, needle):
+    datasets = bad_datasets(tmp_path)
+    argv = [datasets.get(x, x) for x in argv]
+    out = tmp_path / "out"
+    base = ["--model", tiny_dir, "--dataset", DATA, "--output_dir", str(out), "--prompts_per_step", "2"]
+    p = script("intuitor.py", *base, "--num_generations", "4", "--max_completion_length", "8", *argv)
+    assert_one_error_line(p, needle)
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(tiny_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    p = script("intuitor.py", "--model", tiny_dir, "--dataset", DATA, "--output_dir", str(tmp_path / "file"))
+    assert_one_error_line(p, "is a file")
+
+
+def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path):
+    env = {k: v for k, v in OFFLINE.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the hub is unreachable
+    t0 = time.time()
+    p = script("intuitor.py", "--model", "some-org/some-model", "--dataset", DATA, "--output_dir", str(tmp_path / "o"),
+               env=env)  # fmt: skip
+    assert_one_error_line(p, "HF_HUB_OFFLINE=1")
+    assert time.time() - t0 < 60  # seconds, not minutes of retries (generous bound for a loaded CI machine)
+
+
+EVAL_CASES = [
+    (["--limit", "-1"], "--limit"),
+    (["--n", "0"], "--n"),
+    (["--n", "4"], "--temperature"),
+    (["--bogus", "1"], "--bogus"),
+    (["--benchmark", "aime"], "--benchmark"),
+    (["--data", "no_gold"], "gold"),
+    (["--data", "no_question"], "--data"),
+    (["--data", "/no/such/file.jsonl"], "--data"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", EVAL_CASES, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_eval_input_is_one_error_line(tiny_dir, tmp_path, argv, needle):
+    files = {"no_gold": write_lines(tmp_path / "no_gold.jsonl", [json.dumps({"question": "What is 1 + 1?"})]),
+             "no_question": write_lines(tmp_path / "no_q.jsonl", [json.dumps({"answer": "#### 2"})])}  # fmt: skip
+    argv = [files.get(x, x) for x in argv]
+    data = ["--data", os.path.join(ROOT, "tests", "data", "gsm8k_tiny.jsonl")] if "--data" not in argv else []
+    p = script("eval.py", "--model", tiny_dir, "--benchmark", "gsm8k", *data, "--output", str(tmp_path / "r.jsonl"),
+               "--max_new_tokens", "4", *argv)  # fmt: skip
+    assert_one_error_line(p, needle)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_eval_without_model_says_it_is_required():
+    assert_one_error_line(script("eval.py"), "--model is required")
+
+
+# ---------------------------------------------------------------- non-finite values never reach a checkpoint
+def test_diverging_run_stops_and_no_checkpoint_holds_a_non_finite_value(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    p = small_run(tiny_dir, tmp_path, "--max_steps", "6", "--save_steps", "1", "--save_total_limit", "0",
+                  "--learning_rate", "1e30", check=False)  # fmt: skip
+    assert_one_error_line(p, "--learning_rate")
+    for name in os.listdir(tmp_path):
+        if name.startswith("checkpoint-"):
+            weights = load_file(tmp_path / name / "model.safetensors")
+            assert all(torch.isfinite(w).all() for w in weights.values()), name
+
+
+def test_non_finite_gradient_never_reaches_the_weights(tokenizer, tmp_path):
+    from conftest import make_model
+
+    lm = make_model(tokenizer, seed=6, head_scale=4.0)
+    torch.manual_seed(7)
+    prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4.")]
+    rollouts = I.sample(lm, prompts, 3, 8, 1.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    for r in rollouts:
+        r.advantage = float("nan")  # a NaN reward's advantage: loss and gradient are NaN
+    before = [p.detach().clone() for p in lm.parameters()]
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    config = I.UpdateConfig(0.0, 0.2, 0.2, "token", 3, 2, 1.0)
+    update = I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, tokenizer.pad_token_id, config)
+    assert update["skipped_updates"] == 2 and not math.isfinite(update["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters()))  # weights untouched
+
+
+# ---------------------------------------------------------------- one run per output directory
+def test_fresh_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_dir, tmp_path):
+    small_run(tiny_dir, tmp_path, "--max_steps", "3", "--save_steps", "1")
+    assert_one_error_line(small_run(tiny_dir, tmp_path, "--max_steps", "2", check=False), "--overwrite_output_dir")
+    small_run(tiny_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--overwrite_output_dir")
+    assert sorted(d for d in os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl"]  # nothing of the old run
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_second_run_on_a_directory_in_use_fails_fast(tiny_dir, tmp_path):
+    os.makedirs(tmp_path / "out")
+    holder = os.open(tmp_path / "out", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running run holds
+    try:
+        assert_one_error_line(small_run(tiny_dir, tmp_path / "out", "--max_steps", "1", check=False), "in use")
+    finally:
+        os.close(holder)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_resume_refuses_a_different_run_and_allows_a_longer_one(tiny_dir, tmp_path):
+    small_run(tiny_dir, tmp_path, "--max_steps", "2", "--save_steps", "1")
+    p = small_run(tiny_dir, tmp_path, "--max_steps", "3", "--resume", "--seed", "7", "--num_generations", "2",
+                  check=False)  # fmt: skip
+    assert_one_error_line(p, "--seed 42 -> 7")
+    assert "--num_generations 4 -> 2" in p.stderr
+    small_run(tiny_dir, tmp_path, "--max_steps", "3", "--save_steps", "1", "--resume")  # max_steps may change
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_ignores_stray_folders(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    small_run(
+        tiny_dir, a, "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--save_total_limit", "0"
+    )
+    shutil.copytree(a, b)
+    state = b / "checkpoint-4" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # torn while being written
+    os.makedirs(b / "checkpoint-6.bak")  # a folder a user left behind
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')  # a torn last line
+    p = small_run(tiny_dir, b, "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--save_total_limit",
+                  "0", "--resume")  # fmt: skip
+    assert "checkpoint-4 is unreadable" in p.stdout + p.stderr and "resumed from" in p.stdout + p.stderr
+    assert "checkpoint-2" in (p.stdout + p.stderr).split("resumed from")[1].splitlines()[0]
+    assert [r["step"] for r in metrics(b)] == [1, 2, 3, 4]
+    wa, wb = load_file(a / "checkpoint-4" / "model.safetensors"), load_file(b / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the redone steps equal the lost ones
+
+
+def test_checkpoints_rotate_and_replace_without_a_gap(tiny_dir, tmp_path):
+    small_run(tiny_dir, tmp_path, "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4", "metrics.jsonl"]
+
+
+# ---------------------------------------------------------------- numerics
+def test_equal_rewards_give_exactly_zero_advantage():
+    rewards = torch.full((7,), 5.3, dtype=torch.float32)  # the group mean rounds to one ulp off 5.3
+    assert torch.equal(I.group_advantages(rewards, 7), torch.zeros(7))
+    mixed = torch.tensor([5.3] * 7 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    assert torch.equal(I.group_advantages(mixed, 7)[:7], torch.zeros(7))
+    assert (I.group_advantages(mixed, 7)[7:] != 0).sum() == 6  # 1..7: only the middle one is at the mean
+
+
+def test_self_certainty_keeps_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000, dtype=torch.float64) * 5
+    sc = I.self_certainty(logits)
+    assert sc.dtype == torch.float64
+    reference = torch.logsumexp(logits, -1) - logits.mean(-1) - math.log(1000)
+    assert torch.equal(sc, reference)
