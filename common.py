@@ -222,6 +222,47 @@ def step_prompts(prompts, step, prompts_per_step, rank, world_size, seed):
     return [prompts[j] for j in order[start : start + per_rank]]
 
 
+# A task a 135M model can learn on a CPU: short arithmetic questions in GSM8K's columns (the CPU-sized Table 1).
+ARITHMETIC_PHRASINGS = {
+    "+": ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}.",
+          "Tom has {a} marbles and finds {b} more. How many marbles does he have now?"],
+    "-": ["What is {a} - {b}?", "Compute {a} minus {b}.", "Subtract {b} from {a}.",
+          "A shop had {a} apples and sold {b}. How many apples are left?"],
+    "*": ["What is {a} times {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}.",
+          "A box holds {b} pens. How many pens are in {a} boxes?"],
+}  # fmt: skip
+
+
+def arithmetic_problem(rng, level):
+    """One question of a difficulty level: 1 = sums and differences of numbers up to 30, 2 = of numbers from
+    10 to 99, 3 = products of a one-digit and a number up to 99."""
+    op = rng.choice("*" if level == 3 else "+-")
+    if op == "*":
+        a, b = rng.randint(2, 9), rng.randint(2, 99)
+    else:
+        low, high = (2, 30) if level == 1 else (10, 99)
+        a, b = sorted((rng.randint(low, high), rng.randint(low, high)), reverse=op == "-")
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    question = rng.choice(ARITHMETIC_PHRASINGS[op]).format(a=a, b=b)
+    return (op, a, b), {"question": question, "answer": f"{a} {op} {b} = {result}\n#### {result}", "level": level}
+
+
+def arithmetic_splits(n_train=1000, n_test=400, seed=0):
+    """Deterministic train and test splits; an expression (op, a, b) in the test split never appears in the
+    training split, however it is phrased."""
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    for _ in range(100 * (n_train + n_test)):  # each level's pool is far larger than its third of the rows
+        if len(rows) == n_train + n_test:
+            break
+        key, row = arithmetic_problem(rng, level=1 + len(rows) % 3)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows[n_test:], rows[:n_test]
+
+
 # ----------------------------------------------------------------------------- answers
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -267,6 +308,15 @@ def gold_answers(rows, column=""):
     if column is None:
         return [None] * len(rows)
     return [gold_answer(value, column) for value in rows[column]]
+
+
+def infer_answer_format(rows, column="", answer_format="auto"):
+    """'number' when the gold answers are GSM8K-style '#### N' (a completion's final answer is then its last
+    \\boxed{}, else its last number), 'boxed' otherwise (the last \\boxed{} only); an explicit choice stands."""
+    if answer_format != "auto":
+        return answer_format
+    column = column or next((c for c in ("answer", "solution") if c in rows.column_names), None)
+    return "number" if column and any("####" in str(v) for v in rows[column][:100]) else "boxed"
 
 
 def in_math_mode(latex):
@@ -566,3 +616,15 @@ def plot_metrics(path, out=None):
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
     return out
+
+
+if __name__ == "__main__":  # python common.py arithmetic DIR: writes DIR/arithmetic_{train,test}.jsonl
+    import sys
+
+    if sys.argv[1:2] != ["arithmetic"] or len(sys.argv) != 3:
+        die("usage: python common.py arithmetic OUTPUT_DIR")
+    os.makedirs(sys.argv[2], exist_ok=True)
+    for name, split in zip(("train", "test"), arithmetic_splits()):
+        with open(os.path.join(sys.argv[2], f"arithmetic_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in split)
+        print(f"wrote {len(split)} problems to {os.path.join(sys.argv[2], f'arithmetic_{name}.jsonl')}")

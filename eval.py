@@ -30,6 +30,7 @@ from common import answer_clusters, die, extract_answer, is_correct, last_boxed
 
 # name -> hub dataset, config, question column, how the final answer is read from a completion
 BENCHMARKS = {
+    "arithmetic": (None, None, "question", "number"),  # local only: data/arithmetic_test.jsonl (python common.py)
     "gsm8k": ("openai/gsm8k", "main", "question", "number"),
     "math500": ("HuggingFaceH4/MATH-500", None, "problem", "boxed"),
 }
@@ -38,7 +39,7 @@ BENCHMARKS = {
 @dataclass
 class EvalArgs:
     model: str = field(default="", metadata={"help": "hub id, local directory or .gguf file (required)"})
-    benchmark: Literal["gsm8k", "math500"] = field(default="math500", metadata={"help": "which benchmark"})
+    benchmark: Literal["arithmetic", "gsm8k", "math500"] = field(default="math500", metadata={"help": "benchmark"})
     data: str = field(default="", metadata={"help": "local .jsonl/.parquet with the hub dataset's columns"})
     limit: int = field(default=0, metadata={"help": "first N problems only; 0 = all"})
     batch_size: int = field(default=16, metadata={"help": "problems sampled at once per rank"})
@@ -114,9 +115,11 @@ def select(answers, certainties, p=0.5):
 def load_problems(args):
     """Problems of the benchmark (hub, or --data), each with a `question` and a `gold` answer."""
     name, config, column, _ = BENCHMARKS[args.benchmark]
-    if args.data:
+    data = args.data or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic_test.jsonl")
+                         if name is None else "")  # fmt: skip
+    if data:
         fix = f"--benchmark {args.benchmark} needs the hub dataset's columns"
-        rows, questions, golds = common.load_questions(args.data, "test", column, flag="--data", fix=fix)
+        rows, questions, golds = common.load_questions(data, "test", column, flag="--data", fix=fix)
     else:
         from datasets import load_dataset
 

@@ -45,8 +45,7 @@ SYSTEM_PROMPT = (
 
 
 # ----------------------------------------------------------------------------- arguments
-def arg(default, help):
-    """A command-line flag: its default and the help line `--help` prints."""
+def arg(default, help):  # a command-line flag: its default and its line in --help
     return field(default=default, metadata={"help": help})
 
 
@@ -58,6 +57,9 @@ class Args:
     dataset_split: str = arg("train", "split of a hub dataset")
     prompt_column: str = arg("problem", "column holding the question")
     answer_column: str = arg("", "gold answers (accuracy reward/monitor); default `answer`, else `solution`")
+    answer_format: Literal["auto", "boxed", "number"] = arg(
+        "auto", "final answer: last \\boxed{}, or else the last number; auto = number if gold answers are '#### N'"
+    )
     system_prompt: str = arg(SYSTEM_PROMPT, "system message of the chat template ('' for none)")
     # sampling (step 1)
     num_generations: int = arg(7, "G: completions sampled per prompt (group size)")
@@ -195,10 +197,10 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
 
 # ----------------------------------------------------------------------------- 2. rewards
-def grade(rollouts, golds, tokenizer, num_generations):
-    """Extract each completion's final answer (the last \\boxed{}) and compare it with its prompt's gold one."""
+def grade(rollouts, golds, tokenizer, num_generations, answer_format="boxed"):
+    """Extract each completion's final answer (common.extract_answer) and compare it with its prompt's gold one."""
     for k, r in enumerate(rollouts):
-        r.answer = common.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), "boxed")
+        r.answer = common.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), answer_format)
         r.correct = common.is_correct(r.answer, golds[k // num_generations])
 
 
@@ -425,6 +427,7 @@ class Trainer:
     start_step: int
     max_steps: int
     metrics_path: str
+    answer_format: str  # how final answers are read: "boxed" or "number"
 
 
 def setup(args):
@@ -436,7 +439,7 @@ def setup(args):
     common.check_train_args(args, rt.world_size)
     weights = parse_reward(args.reward)
     lock = common.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir) if rt.rank == 0 else None
-    _, questions, golds = common.load_questions(
+    rows, questions, golds = common.load_questions(
         args.dataset, args.dataset_split, args.prompt_column, args.answer_column
     )
     if "accuracy" in weights and all(gold is None for gold in golds):
@@ -477,7 +480,8 @@ def setup(args):
         resumed = f", resumed from {ckpt}" if ckpt else ""
         tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {where}{resumed}")
     parts = (lm, model, ref, tokenizer, optimizer, scheduler, prompts, common.stop_token_ids(tokenizer, lm))
-    return Trainer(rt, *parts, start_step, max_steps, metrics_path)
+    answer_format = common.infer_answer_format(rows, args.answer_column, args.answer_format)
+    return Trainer(rt, *parts, start_step, max_steps, metrics_path, answer_format)
 
 
 TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
@@ -538,7 +542,7 @@ def train(args):
         #    initial model scores the rollouts for the KL term (and for offline self-certainty)
         t0, lr = time.time(), tr.scheduler.get_last_lr()[0]
         if needs_answers:
-            grade(rollouts, [p.gold for p in prompts], tr.tokenizer, G)
+            grade(rollouts, [p.gold for p in prompts], tr.tokenizer, G, tr.answer_format)
         if tr.ref is not None:
             reference_pass(tr.ref, rollouts, args.micro_batch_size, pad_id, tr.rt.autocast)
         rewards = compute_rewards(rollouts, weights, G, args.certainty_model)

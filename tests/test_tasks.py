@@ -1,0 +1,51 @@
+"""The CPU-sized Table 1 task: a deterministic arithmetic generator with disjoint splits, and training rewards
+that grade unboxed numeric answers when the gold answers are GSM8K-style."""
+
+import json
+import os
+
+from conftest import ROOT
+
+import common
+import intuitor as I
+
+
+def expression(row):
+    return row["answer"].split(" = ")[0]  # "a op b"
+
+
+def test_arithmetic_splits_are_deterministic_disjoint_and_match_the_committed_files():
+    train, test = common.arithmetic_splits()
+    assert (train, test) == common.arithmetic_splits()  # same seed, same problems
+    assert common.arithmetic_splits(seed=1) != (train, test)
+    assert len(train) == 1000 and len(test) == 400
+    assert not {expression(r) for r in train} & {expression(r) for r in test}  # never trained on, in any phrasing
+    for row in train + test:
+        a, op, b = expression(row).split()
+        assert row["answer"].endswith(f"#### {eval(f'{a} {op} {b}')}")  # noqa: S307 - our own digits
+    for name, rows in (("train", train), ("test", test)):  # what `python common.py arithmetic data` writes
+        with open(os.path.join(ROOT, "data", f"arithmetic_{name}.jsonl")) as f:
+            assert [json.loads(line) for line in f] == rows
+
+
+def test_answer_format_is_inferred_from_the_gold_answers():
+    from datasets import Dataset
+
+    gsm = Dataset.from_list([{"question": "q", "answer": "2 + 2 = 4\n#### 4"}])
+    math = Dataset.from_list([{"problem": "q", "solution": "so \\boxed{4}"}])
+    assert common.infer_answer_format(gsm) == "number" and common.infer_answer_format(math) == "boxed"
+    assert common.infer_answer_format(math, answer_format="number") == "number"  # an explicit choice stands
+
+
+def test_number_format_grades_unboxed_answers(tokenizer):
+    def rollout(text):
+        return I.Rollout(prompt=[1], completion=tokenizer(text).input_ids, self_certainty=0.0, entropy=0.0,
+                         truncated=False)  # fmt: skip
+
+    texts = ["28 + 28 = 56", "The answer is 56.", "I think 54", "\\boxed{56} and then 3"]
+    rollouts = [rollout(t) for t in texts]
+    I.grade(rollouts, ["56"], tokenizer, 4, "number")
+    assert [r.correct for r in rollouts] == [True, True, False, True]
+    I.grade(rollouts, ["56"], tokenizer, 4, "boxed")
+    assert [r.correct for r in rollouts] == [False, False, False, True]
+    assert I.compute_rewards(rollouts, {"plurality": 1.0}, 4)["plurality"].tolist() == [0, 0, 0, 1]
