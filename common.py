@@ -179,9 +179,10 @@ def check_hub(name, flag):
         )
 
 
-def load_questions(path, split, prompt_column, answer_column="", flag="--dataset", fix="pass --prompt_column"):
+def load_questions(path, split, prompt_column, answer_column="", need_gold=False, flag="--dataset",
+                   fix="pass --prompt_column"):  # fmt: skip
     """(rows, questions, gold answers) of a dataset. A question that is not a non-empty string (null, a number)
-    means the wrong column or a broken file: rejected, not guessed at."""
+    means the wrong column or a broken file: rejected, not guessed at. need_gold: gold answers must exist."""
     rows = load_rows(path, split, flag)
     if prompt_column not in rows.column_names:
         die(f"{flag} {path!r} has no column {prompt_column!r} (columns: {', '.join(rows.column_names)}); {fix}")
@@ -192,7 +193,10 @@ def load_questions(path, split, prompt_column, answer_column="", flag="--dataset
             f"{flag} {path!r}: {len(bad)} of {len(questions)} rows have no question text in {prompt_column!r} "
             f"(first: row {bad[0]}, {questions[bad[0]]!r}); fix the file or pick another column"
         )
-    return rows, questions, gold_answers(rows, answer_column)
+    golds = gold_answers(rows, answer_column)
+    if need_gold and all(gold is None for gold in golds):
+        die(f"{flag} {path!r} has no gold answers (an `answer` or `solution` column); pass --answer_column")
+    return rows, questions, golds
 
 
 class Prompt(NamedTuple):
@@ -490,6 +494,13 @@ def restart_metrics(path, step):
     os.replace(path + ".tmp", path)
 
 
+def progress_bars(rank=0):
+    """Progress bars only on an interactive terminal (rank 0): in a log file their carriage returns garble lines."""
+    import sys
+
+    return rank == 0 and sys.stderr.isatty()
+
+
 def log_step(path, record, keys, max_steps):
     """Append the step's record to metrics.jsonl and print its main numbers on one line."""
     with open(path, "a") as f:
@@ -559,11 +570,17 @@ def seed_step(seed, step, rank):
     torch.manual_seed(s)
 
 
-def parse_flags(dataclass_type, argv):
+def parse_flags(dataclass_type, argv, epilog=None):
     """Command-line flags into the dataclass; an unknown or malformed flag is one error line, not a traceback."""
+    import argparse
+
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_type)
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" after a required flag
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+    parser = HfArgumentParser(dataclass_type, formatter_class=Help, epilog=epilog)
 
     def usage_error(message):
         die(f"{message}; run with --help to list the flags")
@@ -583,8 +600,26 @@ PANELS = [
 ]
 
 
-def plot_metrics(path, out=None):
-    """One PNG of a run's curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy."""
+PLOT_USAGE = "python intuitor.py plot RUN/metrics.jsonl [MORE/metrics.jsonl ...] [OUT.png] [--force]"
+
+
+def tracked_by_git(path):
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(path))
+    ls = subprocess.run(["git", "-C", where, "ls-files", "--error-unmatch", os.path.abspath(path)], capture_output=True)
+    return ls.returncode == 0
+
+
+def plot_metrics(*argv):
+    """One PNG of training curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy.
+    One run: every logged variant of each; several runs: one line per run, so methods can be compared. The
+    default OUT is the first run's metrics.png; a file tracked by git is overwritten only with --force."""
+    paths = [a for a in argv if a.endswith(".jsonl")]
+    outs = [a for a in argv if a.endswith(".png")]
+    if not paths or len(outs) > 1 or len(paths) + len(outs) + ("--force" in argv) != len(argv):
+        print(f"usage: {PLOT_USAGE}")
+        raise SystemExit(0 if set(argv) & {"-h", "--help"} else 2)
     try:
         import matplotlib
 
@@ -592,27 +627,28 @@ def plot_metrics(path, out=None):
         import matplotlib.pyplot as plt
     except ImportError:
         die("plotting needs matplotlib: pip install matplotlib")
-    if not os.path.isfile(path):
-        die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl")
-    records = read_metrics(path)
-    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys]
+    for path in paths:
+        if not os.path.isfile(path):
+            die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl ({PLOT_USAGE})")
+    out = outs[0] if outs else os.path.splitext(paths[0])[0] + ".png"
+    if os.path.exists(out) and "--force" not in argv and tracked_by_git(out):
+        die(f"{out} is a file tracked by git; pass another OUT.png, or --force to overwrite it")
+    runs = {os.path.basename(os.path.dirname(os.path.abspath(p))) or p: read_metrics(p) for p in paths}
+    logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
+    panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
-        for key in keys:
-            online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
-            if key == "train/reward/self_certainty" and online:
-                continue  # the reward is the policy's own SC, already drawn
-            ax.plot(
-                [r["step"] for r in records if key in r],
-                [r[key] for r in records if key in r],
-                label=key.split("/", 1)[1],
-            )
+        for name, records in runs.items():
+            for key in keys:
+                online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
+                if key == "train/reward/self_certainty" and online:
+                    continue  # the reward is the policy's own SC, already drawn
+                steps, values = [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
+                ax.plot(steps, values, label=key.split("/", 1)[1] if len(runs) == 1 else name)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = out or os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
     return out

@@ -48,7 +48,13 @@ class EvalArgs:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     borda_p: float = field(default=0.5, metadata={"help": "exponent of self-certainty-weighted Borda voting"})
     system_prompt: str = field(default=intuitor.SYSTEM_PROMPT, metadata={"help": "as in training"})
-    output: str = field(default="results.jsonl", metadata={"help": "per-problem records; summary to *.summary.json"})
+    output: str = field(
+        default="",
+        metadata={
+            "help": "per-problem records (default runs/eval/BENCHMARK.jsonl); "
+            "the summary goes beside it, *.summary.json"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "sampling seed (n > 1)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
 
@@ -88,6 +94,41 @@ def mann_whitney(x, y):
     return {"U": u, "p_value": p, "rank_biserial": 2 * auroc - 1, "auroc": auroc}
 
 
+def mcnemar_exact(before, after):
+    """Paired test of correctness on the same problems (McNemar, exact): b problems right only before, c right
+    only after; two-sided p = P(Bin(b + c, 1/2) at least as far from (b + c) / 2 as observed)."""
+    b = sum(x and not y for x, y in zip(before, after))
+    c = sum(y and not x for x, y in zip(before, after))
+    tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
+    return {"only_before": b, "only_after": c, "p_value": min(1.0, 2 * tail)}
+
+
+def compare(paths):
+    """python eval.py compare BASE.jsonl RUN.jsonl ...: one markdown row per evaluation (eval.py's per-problem
+    records and their summaries), each paired against the first on the same problems."""
+    if len(paths) < 1 or not all(os.path.isfile(p) for p in paths):
+        die("usage: python eval.py compare BASE.jsonl [RUN.jsonl ...] (per-problem records written by eval.py)")
+    base = [json.loads(line) for line in open(paths[0])]
+    print(
+        "| model | accuracy [95% CI] | mean length | truncated | mean SC | SC-correct AUROC (p) | vs base: b / c, p |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for i, path in enumerate(paths):
+        records = [json.loads(line) for line in open(path)]
+        if [r["index"] for r in records] != [r["index"] for r in base]:
+            die(f"{path} and {paths[0]} hold different problems; compare evaluations of the same problems")
+        s = json.load(open(os.path.splitext(path)[0] + ".summary.json"))
+        sc = s["self_certainty_vs_correctness"]
+        test = mcnemar_exact([r["correct"] for r in base], [r["correct"] for r in records])
+        lo, hi = s["accuracy_ci95"]
+        auroc = f"{sc['auroc']:.2f} ({sc['p_value']:.2g})" if "auroc" in sc else "-"
+        paired = "-" if i == 0 else f"{test['only_before']} / {test['only_after']}, {test['p_value']:.2g}"
+        print(
+            f"| {path} | {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {s['mean_length']:.1f} | "
+            f"{s['truncated_frac']:.2f} | {s['mean_self_certainty']:.2f} | {auroc} | {paired} |"
+        )
+
+
 # ----------------------------------------------------------------------------- best-of-N selection
 def select(answers, certainties, p=0.5):
     """Indices chosen among N samples by: highest self-certainty; majority vote over extracted answers;
@@ -119,7 +160,7 @@ def load_problems(args):
                          if name is None else "")  # fmt: skip
     if data:
         fix = f"--benchmark {args.benchmark} needs the hub dataset's columns"
-        rows, questions, golds = common.load_questions(data, "test", column, flag="--data", fix=fix)
+        rows, questions, golds = common.load_questions(data, "test", column, need_gold=True, flag="--data", fix=fix)
     else:
         from datasets import load_dataset
 
@@ -235,30 +276,21 @@ def main(argv=None):
     problems = load_problems(args)
     lm, tokenizer = common.load_model(args.model, rt.device)
     lm.eval()
-    stop_ids, answer_format = common.stop_token_ids(tokenizer, lm), BENCHMARKS[args.benchmark][3]
+    stop_ids, pad_id, fmt = common.stop_token_ids(tokenizer, lm), tokenizer.pad_token_id, BENCHMARKS[args.benchmark][3]
     mine = list(range(rt.rank, len(problems), rt.world_size))
     records = []
     torch.manual_seed(args.seed + rt.rank)
-    progress = tqdm(
-        range(0, len(mine), args.batch_size), disable=rt.rank != 0, desc=f"{args.benchmark} (rank 0 of {rt.world_size})"
-    )
-    for i in progress:
+    progress = tqdm(total=len(mine), unit="problem", disable=not common.progress_bars(rt.rank), desc=args.benchmark)
+    for i in range(0, len(mine), args.batch_size):
         indices = mine[i : i + args.batch_size]
-        prompts = [
-            tokenizer(
-                common.render_prompt(tokenizer, problems[j]["question"], args.system_prompt), add_special_tokens=False
-            ).input_ids
-            for j in indices
-        ]
+        texts = [common.render_prompt(tokenizer, problems[j]["question"], args.system_prompt) for j in indices]
+        prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
         with rt.autocast():
-            outputs = intuitor.sample(
-                lm, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, tokenizer.pad_token_id
-            )
+            outputs = intuitor.sample(lm, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, pad_id)
         for k, j in enumerate(indices):
-            samples = grade_samples(
-                outputs[k * args.n : (k + 1) * args.n], problems[j]["gold"], tokenizer, answer_format
-            )
+            samples = grade_samples(outputs[k * args.n : (k + 1) * args.n], problems[j]["gold"], tokenizer, fmt)
             records.append(problem_record(j, problems[j], samples, args.borda_p))
+        progress.update(len(indices))
     if rt.world_size > 1:
         gathered = [None] * rt.world_size
         dist.all_gather_object(gathered, records)
@@ -268,13 +300,18 @@ def main(argv=None):
         return
     records.sort(key=lambda r: r["index"])
     summary = summarize(records, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
+    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.splitext(args.output)[0] + ".summary.json", "w") as f:
+    with open(os.path.splitext(output)[0] + ".summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
+    print(f"wrote {output} (one record per problem) and {os.path.splitext(output)[0]}.summary.json")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["compare"]:
+        compare(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -440,10 +440,8 @@ def setup(args):
     weights = parse_reward(args.reward)
     lock = common.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir) if rt.rank == 0 else None
     rows, questions, golds = common.load_questions(
-        args.dataset, args.dataset_split, args.prompt_column, args.answer_column
+        args.dataset, args.dataset_split, args.prompt_column, args.answer_column, need_gold="accuracy" in weights
     )
-    if "accuracy" in weights and all(gold is None for gold in golds):
-        die("--reward accuracy needs gold answers: the dataset has no `answer`/`solution` column; pass --answer_column")
     ckpt, state = common.resume_state(args.output_dir, "cpu") if args.resume else (None, None)
     if state is not None:
         common.check_same_run(state["args"], asdict(args), common.MAY_CHANGE_ON_RESUME)
@@ -520,12 +518,12 @@ def train(args):
     G, pad_id, rank = args.num_generations, tr.tokenizer.pad_token_id, tr.rt.rank
     weights = parse_reward(args.reward)
     per_call = args.generation_batch_size // G or len(tr.prompts)  # prompts sampled at once (0 = all)
-    has_gold = any(p.gold is not None for p in tr.prompts)
+    has_gold = any(p.gold is not None for p in tr.prompts)  # grade for the reward or for the accuracy monitor
     needs_answers = has_gold or bool(NEEDS_ANSWERS & weights.keys())
     config = UpdateConfig(*(getattr(args, name) for name in UpdateConfig._fields))
     skipped_in_a_row = 0  # optimizer steps skipped for a non-finite gradient, in a row
-    steps = range(tr.start_step, tr.max_steps)
-    for step in tqdm(steps, initial=tr.start_step, total=tr.max_steps, disable=rank != 0, desc="steps"):
+    bar = dict(initial=tr.start_step, total=tr.max_steps, disable=not common.progress_bars(rank), desc="steps")
+    for step in tqdm(range(tr.start_step, tr.max_steps), **bar):
         common.seed_step(args.seed, step, rank)
         prompts = common.step_prompts(tr.prompts, step, args.prompts_per_step, rank, tr.rt.world_size, args.seed)
 
@@ -563,7 +561,7 @@ def train(args):
         record = step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s)
         if rank == 0:
             common.log_step(tr.metrics_path, record, LOG_KEYS, tr.max_steps)
-            if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
+            if args.log_completions_steps and (step == 0 or (step + 1) % args.log_completions_steps == 0):
                 common.show_completion(tr.tokenizer, rollouts[0])
         if skipped_in_a_row >= 3:
             die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
@@ -574,6 +572,8 @@ def train(args):
                 common.save_checkpoint(args.output_dir, tr.lm, tr.tokenizer, state, args.save_total_limit)
             if tr.rt.world_size > 1:
                 dist.barrier()
+    if rank == 0:
+        print(f"done: {args.output_dir}/checkpoint-{tr.max_steps}, {tr.metrics_path}; curves: {common.PLOT_USAGE}")
     if tr.rt.world_size > 1:
         dist.destroy_process_group()
     return tr.lm
@@ -690,11 +690,11 @@ class CompletionLogProbs(torch.nn.Module):
 
 
 def parse_args(argv=None):
-    return common.parse_flags(Args, argv)
+    return common.parse_flags(Args, argv, epilog=f"training curves: {common.PLOT_USAGE}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [out.png]
-        common.plot_metrics(*sys.argv[2:4])
+    if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [OUT.png]
+        common.plot_metrics(*sys.argv[2:])
     else:
         train(parse_args(sys.argv[1:]))

@@ -216,15 +216,27 @@ def step_trl(path, a):
     holder = {}
 
     def self_certainty_reward(prompts, completions, completion_ids, **_):
+        """One batched forward over prompt + completion (right-padded), as the official trainer scores."""
         m = holder["trainer"].model
         texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        rewards = []
+        seqs = [tok(t, add_special_tokens=False).input_ids + list(ids) for t, ids in zip(texts, completion_ids)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         with torch.no_grad():
-            for text, ids in zip(texts, completion_ids):
-                p = tok(text, add_special_tokens=False).input_ids
-                logits = m(input_ids=torch.tensor([p + list(ids)])).logits[0, len(p) - 1 : -1]
-                rewards.append(I.self_certainty(logits).mean().item())
+            logits = m(input_ids=ids, attention_mask=mask).logits
+        rewards = []
+        for k, (s, c) in enumerate(zip(seqs, completion_ids)):
+            rewards.append(I.self_certainty(logits[k, len(s) - len(c) - 1 : len(s) - 1]).mean().item())
         return rewards
+
+    def accuracy_reward(completions, solution, **_):
+        """Answer grading, as intuitor.py's accuracy monitor does every step (weight 0: logged, not trained)."""
+        golds = [common.last_boxed(s) for s in solution]
+        return [
+            float(common.is_correct(common.extract_answer(c[0]["content"], "boxed"), g))
+            for c, g in zip(completions, golds)
+        ]
 
     times = []
 
@@ -252,10 +264,11 @@ def step_trl(path, a):
         logging_steps=1000,
         disable_tqdm=True,
         seed=0,
+        reward_weights=[1.0, 0.0],
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[self_certainty_reward],
+        reward_funcs=[self_certainty_reward, accuracy_reward],
         args=cfg,
         train_dataset=ds,
         processing_class=tok,

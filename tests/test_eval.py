@@ -227,3 +227,30 @@ def test_plot_subcommand(tmp_path):
         return
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mcnemar_exact():
+    # b = 1 right only before, c = 6 right only after: p = 2 * P(Bin(7, .5) <= 1) = 2 * 8 / 128 = 0.125
+    before = [1, 0, 0, 0, 0, 0, 0, 1, 1]
+    after = [0, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert E.mcnemar_exact(before, after) == {"only_before": 1, "only_after": 6, "p_value": 0.125}
+    # b = 0, c = 8: 2 * (1 / 256) = 0.0078125; no discordant pairs: p = 1
+    assert E.mcnemar_exact([0] * 8, [1] * 8)["p_value"] == 2 / 256
+    assert E.mcnemar_exact([1, 0], [1, 0])["p_value"] == 1.0
+
+
+def test_compare_prints_one_paired_row_per_run(tmp_path):
+    def write(name, correct):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"index": i, "correct": c}) + "\n" for i, c in enumerate(correct)))
+        summary = {"accuracy": sum(correct) / len(correct), "accuracy_ci95": [0.0, 1.0], "mean_length": 5.0,
+                   "truncated_frac": 0.0, "mean_self_certainty": 1.0, "self_certainty_vs_correctness": {}}  # fmt: skip
+        (tmp_path / f"{name}.summary.json").write_text(json.dumps(summary))
+        return str(path)
+
+    base, after = write("base", [0] * 8), write("after", [1] * 8)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "compare", base, after], capture_output=True,
+                       text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert len(rows) == 2 and rows[1].endswith("| 0 / 8, 0.0078 |")
