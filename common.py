@@ -494,6 +494,161 @@ def restart_metrics(path, step):
     os.replace(path + ".tmp", path)
 
 
+TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
+LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
+
+
+def mann_whitney(x, y):
+    """Mann-Whitney U of x (e.g. SC of correct answers) against y, two-sided p-value by the normal
+    approximation with tie correction and continuity correction, rank-biserial r and AUROC = U / (n1 n2)."""
+    n1, n2 = len(x), len(y)
+    if n1 == 0 or n2 == 0:
+        return None
+    values = sorted((v, g) for g, vs in ((0, x), (1, y)) for v in vs)
+    ranks, ties, i = {0: 0.0, 1: 0.0}, 0.0, 0
+    while i < len(values):  # average ranks over runs of ties
+        j = i
+        while j < len(values) and values[j][0] == values[i][0]:
+            j += 1
+        for _, g in values[i:j]:
+            ranks[g] += (i + j + 1) / 2
+        ties += (j - i) ** 3 - (j - i)
+        i = j
+    n = n1 + n2
+    u = ranks[0] - n1 * (n1 + 1) / 2
+    mu, sigma = n1 * n2 / 2, math.sqrt(n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))))
+    p = math.erfc(max(abs(u - mu) - 0.5, 0) / sigma / math.sqrt(2)) if sigma > 0 else 1.0
+    auroc = u / (n1 * n2)
+    return {"U": u, "p_value": p, "rank_biserial": 2 * auroc - 1, "auroc": auroc}
+
+
+def repeated_ngram_frac(tokens, n=4):
+    """Fraction of a completion's n-grams that already occurred earlier in it: 0 for fresh text, near 1 for a loop."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def gather(values):
+    """Every rank's list, concatenated (a single process: the list itself)."""
+    if not dist.is_initialized():
+        return list(values)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
+def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update_s, num_generations):
+    """The step's record for metrics.jsonl: means over all ranks' sequences. monitor/* watch for reward hacking
+    and collapse: token entropy, repeated 4-grams, groups whose rewards are all equal (no learning signal)
+    and, with gold answers, whether self-certainty still tells right from wrong (AUROC over the step's
+    completions) and picks winners (accuracy of each group's most self-certain completion vs the mean)."""
+    n = all_reduce(len(rollouts)).item()
+
+    def mean(values):
+        return all_reduce(float(sum(values))).item() / n
+
+    certainty = [r.self_certainty for r in rollouts]  # always the policy's own
+    lengths = [len(r.completion) for r in rollouts]
+    groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
+    record = {"step": step, "train/self_certainty": mean(certainty)}
+    record["train/self_certainty_std"] = math.sqrt(max(mean(x * x for x in certainty) - mean(certainty) ** 2, 0.0))
+    record.update({f"train/reward/{name}": mean(values.tolist()) for name, values in rewards.items()})
+    if has_gold:
+        record["train/accuracy"] = mean(r.correct for r in rollouts)
+    record["train/completion_length"] = mean(lengths)
+    record["train/completion_length_max"] = all_reduce(max(lengths), dist.ReduceOp.MAX).item()
+    record["train/truncated_frac"] = mean(r.truncated for r in rollouts)
+    record.update({f"train/{key}": value for key, value in update.items()})
+    record["monitor/entropy"] = mean(r.entropy for r in rollouts)
+    record["monitor/repeated_4gram_frac"] = mean(repeated_ngram_frac(r.completion) for r in rollouts)
+    trained = torch.stack(list(rewards.values()), 1).view(len(groups), num_generations, -1)
+    equal = (trained.amax(1) == trained.amin(1)).all(-1)  # every reward equal within the group
+    record["monitor/equal_reward_groups"] = mean(equal.tolist()) * num_generations
+    if has_gold:
+        best = [max(g, key=lambda r: r.self_certainty).correct for g in groups]
+        record["monitor/most_certain_accuracy"] = mean(best) * num_generations
+        pairs = gather((r.self_certainty, r.correct) for r in rollouts)
+        split = mann_whitney([sc for sc, ok in pairs if ok], [sc for sc, ok in pairs if not ok])
+        record["monitor/certainty_auroc"] = split["auroc"] if split else float("nan")
+    tokens_per_s = mean(lengths) * n / sample_s
+    return record | {"train/lr": lr, "perf/sample_tokens_per_s": tokens_per_s, "perf/sample_s": sample_s,
+                     "perf/update_s": update_s}  # fmt: skip
+
+
+class HackingAlarm:
+    """Watches the step records for the signatures of reward hacking (paper Fig. 7: length or repetition
+    jumps while the reward rises and accuracy, when known, falls) and of entropy collapse, comparing the
+    last `window` steps with the `window` before them. Sets monitor/alarm on every record (1 while a
+    signature holds) and returns a one-line message when it fires."""
+
+    def __init__(self, window=5, length_jump=0.25, repetition_jump=0.1, accuracy_drop=0.05, entropy_floor=0.5):
+        self.window, self.history = window, []
+        self.length_jump, self.repetition_jump = length_jump, repetition_jump
+        self.accuracy_drop, self.entropy_floor = accuracy_drop, entropy_floor
+
+    def check(self, record):
+        self.history.append(record)
+        record["monitor/alarm"], w = 0, self.window
+        if len(self.history) < 2 * w:
+            return None
+        before, last = self.history[-2 * w : -w], self.history[-w:]
+
+        def change(key):
+            values = [[r[key] for r in part if key in r and math.isfinite(r[key])] for part in (before, last)]
+            return sum(values[1]) / len(values[1]) - sum(values[0]) / len(values[0]) if all(values) else None
+
+        first = [r["monitor/entropy"] for r in self.history[:w]]
+        signs = []
+        rewards = [change(k) for k in record if k.startswith("train/reward/")]
+        reward_up = any(d is not None and d > 0 for d in rewards)
+        length_before = sum(r["train/completion_length"] for r in before) / w
+        if change("train/completion_length") > self.length_jump * length_before:
+            signs.append("completion length jumped")
+        if change("monitor/repeated_4gram_frac") > self.repetition_jump:
+            signs.append("repetition jumped")
+        accuracy = change("train/accuracy")
+        hacking = signs and reward_up and (accuracy is None or accuracy < -self.accuracy_drop)
+        if hacking and accuracy is not None:
+            signs.append(f"accuracy fell by {-accuracy:.3f}")
+        collapse = sum(r["monitor/entropy"] for r in last) / w < self.entropy_floor * sum(first) / w
+        if not (hacking or collapse):
+            return None
+        record["monitor/alarm"] = 1
+        why = ", ".join(signs) + " while the reward rose" if hacking else ""
+        why += ("; " if why else "") + ("token entropy collapsed" if collapse else "")
+        return f"ALARM step {record['step']}: {why} (reward hacking or collapse; read the completions)"
+
+
+def make_logger(report_to, output_dir, config):
+    """A tracker beside metrics.jsonl (which stays the source of truth): tensorboard or wandb, or None."""
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+        def to_tensorboard(record):
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, record["step"])
+            writer.flush()
+
+        return to_tensorboard
+    if report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            die("--report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works offline)")
+        run = wandb.init(project="intuitor", dir=output_dir, config=config)
+
+        def to_wandb(record):
+            run.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+
+        return to_wandb
+    return None
+
+
 def progress_bars(rank=0):
     """Progress bars only on an interactive terminal (rank 0): in a log file their carriage returns garble lines."""
     import sys
@@ -501,11 +656,13 @@ def progress_bars(rank=0):
     return rank == 0 and sys.stderr.isatty()
 
 
-def log_step(path, record, keys, max_steps):
-    """Append the step's record to metrics.jsonl and print its main numbers on one line."""
+def log_step(path, record, max_steps, logger=None):
+    """Append the step's record to metrics.jsonl (and the tracker), print its main numbers on one line."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in keys if key in record)
+    if logger is not None:
+        logger(record)
+    shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in LOG_KEYS if key in record)
     print(f"step {record['step']}/{max_steps} | {shown}", flush=True)
 
 

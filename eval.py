@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import common
 import intuitor
-from common import answer_clusters, die, extract_answer, is_correct, last_boxed
+from common import answer_clusters, die, extract_answer, is_correct, last_boxed, mann_whitney
 
 # name -> hub dataset, config, question column, how the final answer is read from a completion
 BENCHMARKS = {
@@ -68,30 +68,6 @@ def wilson_interval(k, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (centre - half, centre + half)
-
-
-def mann_whitney(x, y):
-    """Mann-Whitney U of x (e.g. SC of correct answers) against y, two-sided p-value by the normal
-    approximation with tie correction and continuity correction, rank-biserial r and AUROC = U / (n1 n2)."""
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
-        return None
-    values = sorted((v, g) for g, vs in ((0, x), (1, y)) for v in vs)
-    ranks, ties, i = {0: 0.0, 1: 0.0}, 0.0, 0
-    while i < len(values):  # average ranks over runs of ties
-        j = i
-        while j < len(values) and values[j][0] == values[i][0]:
-            j += 1
-        for _, g in values[i:j]:
-            ranks[g] += (i + j + 1) / 2
-        ties += (j - i) ** 3 - (j - i)
-        i = j
-    n = n1 + n2
-    u = ranks[0] - n1 * (n1 + 1) / 2
-    mu, sigma = n1 * n2 / 2, math.sqrt(n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))))
-    p = math.erfc(max(abs(u - mu) - 0.5, 0) / sigma / math.sqrt(2)) if sigma > 0 else 1.0
-    auroc = u / (n1 * n2)
-    return {"U": u, "p_value": p, "rank_biserial": 2 * auroc - 1, "auroc": auroc}
 
 
 def mcnemar_exact(before, after):

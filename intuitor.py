@@ -68,6 +68,8 @@ class Args:
     max_prompt_length: int = arg(512, "longer prompts are skipped (and counted)")
     max_completion_length: int = arg(3072, "new tokens per completion")
     temperature: float = arg(0.9, "sampling temperature; log-probs use logits / temperature")
+    top_k: int = arg(0, "sample from the k most likely tokens; 0 = all (the official recipes: 50)")
+    top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
     # reward (step 2)
     reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
     certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
@@ -77,6 +79,7 @@ class Args:
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high")
     loss_type: Literal["token", "grpo"] = arg("token", "token: mean over the step's tokens; grpo: over sequences")
     num_iterations: int = arg(1, "mu: optimizer steps per batch of rollouts")
+    mask_truncated_completions: bool = arg(False, "completions cut by max_completion_length take no part in the loss")
     micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation)")
     learning_rate: float = arg(3e-6, "AdamW peak learning rate")
     warmup_ratio: float = arg(0.1, "fraction of optimizer steps with linear warmup before the cosine decay")
@@ -91,6 +94,7 @@ class Args:
     overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
     save_total_limit: int = arg(2, "keep the newest N checkpoints (the older one backs up a torn newest); 0 = all")
     log_completions_steps: int = arg(10, "print a sample completion every N steps; 0 = never")
+    report_to: Literal["none", "tensorboard", "wandb"] = arg("none", "also log to (metrics.jsonl is always written)")
     # memory and precision
     chunk_size: int = arg(1024, "tokens per chunk of the streamed lm_head")
     vocab_chunk_size: int = arg(4096, "vocabulary slice of the streamed lm_head")
@@ -139,8 +143,22 @@ def entropy(logits):
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
+def sampling_logits(logits, temperature, top_k=0, top_p=1.0):
+    """What tokens are drawn from: logits / temperature, then top-k, then nucleus (top-p) filtering. Rewards
+    and entropy are read from the raw temperature-1 logits, as the official code does."""
+    z = logits / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1])).values[:, -1:], -math.inf)
+    if top_p < 1:
+        z_sorted, order = z.sort(-1, descending=True)
+        p = torch.softmax(z_sorted, -1)
+        outside = p.cumsum(-1) - p > top_p  # tokens after the nucleus has reached top_p
+        z = z.scatter(-1, order, z_sorted.masked_fill(outside, -math.inf))
+    return z
+
+
 @torch.no_grad()
-def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id):
+def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
     """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
 
     Each prompt is prefilled once (left-padded, positions counted from its first real token) and its cache
@@ -169,7 +187,8 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
         certainty_sum[rows] += self_certainty(logits)
         entropy_sum[rows] += entropy(logits)
         if temperature > 0:
-            next_token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            z = sampling_logits(logits, temperature, top_k, top_p)
+            next_token = torch.multinomial(torch.softmax(z, -1), 1).squeeze(1)
         else:
             next_token = logits.argmax(-1)
         tokens[rows, t] = next_token
@@ -356,6 +375,7 @@ class UpdateConfig(NamedTuple):
     micro_batch_size: int = 4
     num_iterations: int = 1  # mu: optimizer steps on the same rollouts
     max_grad_norm: float = 1.0
+    mask_truncated_completions: bool = False  # truncated completions take no part in the loss
 
 
 def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
@@ -363,14 +383,16 @@ def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nul
     optimizer steps, each accumulating gradients over micro-batches. `model` is a CompletionLogProbs,
     possibly DDP-wrapped. An optimizer step whose gradient norm is not finite is skipped (and counted).
     Returns the step's metrics, averaged over the num_iterations passes."""
-    beta, epsilon, epsilon_high, loss_type, micro_batch_size, num_iterations, max_grad_norm = config
+    beta, epsilon, epsilon_high, loss_type, micro_batch_size, num_iterations, max_grad_norm, mask_truncated = config
     scorer = getattr(model, "module", model)
     device = next(scorer.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     parts = micro_batches(rollouts, micro_batch_size, pad_id, device)
     advantages = [torch.tensor([r.advantage for r in part], device=device) for part, _ in parts]
-    total_tokens = common.all_reduce(sum(len(r.completion) for r in rollouts)).item()
-    total_sequences = common.all_reduce(len(rollouts)).item()
+    in_loss = [torch.tensor([not (mask_truncated and r.truncated) for r in part], device=device) for part, _ in parts]
+    kept = [r for r in rollouts if not (mask_truncated and r.truncated)]
+    total_tokens = max(common.all_reduce(sum(len(r.completion) for r in kept)).item(), 1)
+    total_sequences = max(common.all_reduce(len(kept)).item(), 1)
 
     # When rollouts are reused (mu > 1), rho needs the sampling policy's log-probs, frozen before the first
     # update; with mu = 1, pi_old = pi exactly and rho = exp(logp - logp.detach()) = 1 with the right gradient.
@@ -391,10 +413,10 @@ def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nul
                 losses, kl, clipped = per_token_loss(
                     logp, old_logp, ref_logp, advantages[j], beta, epsilon, epsilon_high
                 )
-                loss = aggregate_loss(losses, batch.completion_mask, loss_type, total_tokens, total_sequences)
+                mask = batch.completion_mask & in_loss[j][:, None]
+                loss = aggregate_loss(losses, mask, loss_type, total_tokens, total_sequences)
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
                 (loss * world_size).backward()
-            mask = batch.completion_mask
             metrics["loss"] += loss.item() / num_iterations
             metrics["kl"] += (kl * mask).sum().item() / total_tokens / num_iterations
             metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / num_iterations
@@ -482,37 +504,6 @@ def setup(args):
     return Trainer(rt, *parts, start_step, max_steps, metrics_path, answer_format)
 
 
-TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
-LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
-
-
-def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update_s):
-    """The step's record for metrics.jsonl: means over all ranks' sequences."""
-    n = common.all_reduce(len(rollouts)).item()
-
-    def mean(values):
-        return common.all_reduce(float(sum(values))).item() / n
-
-    certainty = [r.self_certainty for r in rollouts]  # always the policy's own
-    lengths = [len(r.completion) for r in rollouts]
-    record = {"step": step, "train/self_certainty": mean(certainty)}
-    record["train/self_certainty_std"] = math.sqrt(max(mean(x * x for x in certainty) - mean(certainty) ** 2, 0.0))
-    record.update({f"train/reward/{name}": mean(values.tolist()) for name, values in rewards.items()})
-    if has_gold:
-        record["train/accuracy"] = mean(r.correct for r in rollouts)
-    record["train/completion_length"] = mean(lengths)
-    record["train/completion_length_max"] = common.all_reduce(max(lengths), dist.ReduceOp.MAX).item()
-    record["train/truncated_frac"] = mean(r.truncated for r in rollouts)
-    record.update({f"train/{key}": value for key, value in update.items()})
-    tokens_per_s = mean(lengths) * n / sample_s
-    return record | {
-        "train/lr": lr,
-        "perf/sample_tokens_per_s": tokens_per_s,
-        "perf/sample_s": sample_s,
-        "perf/update_s": update_s,
-    }
-
-
 def train(args):
     tr = setup(args)
     G, pad_id, rank = args.num_generations, tr.tokenizer.pad_token_id, tr.rt.rank
@@ -522,6 +513,8 @@ def train(args):
     needs_answers = has_gold or bool(NEEDS_ANSWERS & weights.keys())
     config = UpdateConfig(*(getattr(args, name) for name in UpdateConfig._fields))
     skipped_in_a_row = 0  # optimizer steps skipped for a non-finite gradient, in a row
+    alarm = common.HackingAlarm()  # watches each step's record for reward hacking and collapse
+    logger = common.make_logger(args.report_to, args.output_dir, asdict(args)) if rank == 0 else None
     bar = dict(initial=tr.start_step, total=tr.max_steps, disable=not common.progress_bars(rank), desc="steps")
     for step in tqdm(range(tr.start_step, tr.max_steps), **bar):
         common.seed_step(args.seed, step, rank)
@@ -533,7 +526,8 @@ def train(args):
         for i in range(0, len(prompts), per_call):
             with tr.rt.autocast():
                 ids = [p.ids for p in prompts[i : i + per_call]]
-                rollouts += sample(tr.lm, ids, G, args.max_completion_length, args.temperature, tr.stop_ids, pad_id)
+                knobs = (args.temperature, tr.stop_ids, pad_id, args.top_k, args.top_p)
+                rollouts += sample(tr.lm, ids, G, args.max_completion_length, *knobs)
         sample_s = time.time() - t0
 
         # 2. rewards. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor; the frozen
@@ -558,9 +552,12 @@ def train(args):
             die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
 
         # 5. log the step; checkpoint every save_steps and at the end
-        record = step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s)
+        record = common.step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s, G)
+        warning = alarm.check(record)  # sets monitor/alarm
         if rank == 0:
-            common.log_step(tr.metrics_path, record, LOG_KEYS, tr.max_steps)
+            common.log_step(tr.metrics_path, record, tr.max_steps, logger)
+            if warning:
+                print(warning, flush=True)
             if args.log_completions_steps and (step == 0 or (step + 1) % args.log_completions_steps == 0):
                 common.show_completion(tr.tokenizer, rollouts[0])
         if skipped_in_a_row >= 3:
