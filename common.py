@@ -753,7 +753,10 @@ PANELS = [
     ("self-certainty", ["train/self_certainty", "train/reward/self_certainty"]),
     ("completion length (tokens)", ["train/completion_length", "train/completion_length_max"]),
     ("KL to initial model", ["train/kl"]),
-    ("accuracy (monitor)", ["train/accuracy"]),
+    ("accuracy (monitor)", ["train/accuracy", "monitor/most_certain_accuracy"]),
+    ("token entropy (nats)", ["monitor/entropy"]),
+    ("repeated 4-grams", ["monitor/repeated_4gram_frac"]),
+    ("self-certainty vs correct: AUROC", ["monitor/certainty_auroc"]),
 ]
 
 
@@ -793,8 +796,11 @@ def plot_metrics(*argv):
     runs = {os.path.basename(os.path.dirname(os.path.abspath(p))) or p: read_metrics(p) for p in paths}
     logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
     panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    rows, cols = (len(panels) + 3) // 4, min(len(panels), 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (title, keys) in zip(axes.flat, panels):
         for name, records in runs.items():
             for key in keys:
                 online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
