@@ -237,33 +237,27 @@ ARITHMETIC_PHRASINGS = {
 }  # fmt: skip
 
 
-def arithmetic_problem(rng, level):
-    """One question of a difficulty level: 1 = sums and differences of numbers up to 30, 2 = of numbers from
-    10 to 99, 3 = products of a one-digit and a number up to 99."""
-    op = rng.choice("*" if level == 3 else "+-")
-    if op == "*":
-        a, b = rng.randint(2, 9), rng.randint(2, 99)
-    else:
-        low, high = (2, 30) if level == 1 else (10, 99)
-        a, b = sorted((rng.randint(low, high), rng.randint(low, high)), reverse=op == "-")
-    result = {"+": a + b, "-": a - b, "*": a * b}[op]
-    question = rng.choice(ARITHMETIC_PHRASINGS[op]).format(a=a, b=b)
-    return (op, a, b), {"question": question, "answer": f"{a} {op} {b} = {result}\n#### {result}", "level": level}
+def arithmetic_expressions():
+    """Every expression of the task, with its difficulty level: 1 = sums of numbers up to 20, 2 = differences
+    of numbers up to 20, 3 = the 2..12 times table (731 in all)."""
+    sums = [("+", a, b, 1) for a in range(1, 21) for b in range(1, 21)]
+    differences = [("-", a, b, 2) for a in range(1, 21) for b in range(1, a + 1)]
+    products = [("*", a, b, 3) for a in range(2, 13) for b in range(2, 13)]
+    return sums + differences + products
 
 
-def arithmetic_splits(n_train=1000, n_test=400, seed=0):
-    """Deterministic train and test splits; an expression (op, a, b) in the test split never appears in the
-    training split, however it is phrased."""
+def arithmetic_splits(n_test=300, seed=0):
+    """Deterministic train and test splits of short arithmetic questions in GSM8K's columns. The test split's
+    expressions never appear in the training split, however they are phrased; each question's phrasing is
+    drawn from ARITHMETIC_PHRASINGS."""
     rng = random.Random(seed)
-    seen, rows = set(), []
-    for _ in range(100 * (n_train + n_test)):  # each level's pool is far larger than its third of the rows
-        if len(rows) == n_train + n_test:
-            break
-        key, row = arithmetic_problem(rng, level=1 + len(rows) % 3)
-        if key not in seen:
-            seen.add(key)
-            rows.append(row)
-    rng.shuffle(rows)
+    expressions = arithmetic_expressions()
+    rng.shuffle(expressions)
+    rows = []
+    for op, a, b, level in expressions:
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        question = rng.choice(ARITHMETIC_PHRASINGS[op]).format(a=a, b=b)
+        rows.append({"question": question, "answer": f"{a} {op} {b} = {result}\n#### {result}", "level": level})
     return rows[n_test:], rows[:n_test]
 
 
