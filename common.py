@@ -573,7 +573,7 @@ class HackingAlarm:
     """Watches the step records for the signatures of reward hacking (paper Fig. 7: length or repetition
     jumps while the reward rises and accuracy, when known, falls) and of entropy collapse, comparing the
     last `window` steps with the `window` before them. Sets monitor/alarm on every record (1 while a
-    signature holds) and returns a one-line message when it fires."""
+    signature holds) and returns a one-line message when a signature first appears."""
 
     def __init__(self, window=5, length_jump=0.25, repetition_jump=0.1, accuracy_drop=0.05, entropy_floor=0.5):
         self.window, self.history = window, []
@@ -608,6 +608,8 @@ class HackingAlarm:
         if not (hacking or collapse):
             return None
         record["monitor/alarm"] = 1
+        if self.history[-2]["monitor/alarm"]:
+            return None  # still the same episode: flagged in the record, announced once
         why = ", ".join(signs) + " while the reward rose" if hacking else ""
         why += ("; " if why else "") + ("token entropy collapsed" if collapse else "")
         return f"ALARM step {record['step']}: {why} (reward hacking or collapse; read the completions)"

@@ -570,7 +570,10 @@ def train(args):
             if tr.rt.world_size > 1:
                 dist.barrier()
     if rank == 0:
-        print(f"done: {args.output_dir}/checkpoint-{tr.max_steps}, {tr.metrics_path}; curves: {common.PLOT_USAGE}")
+        print(
+            f"done: {args.output_dir}/checkpoint-{tr.max_steps} and {tr.metrics_path}; curves: "
+            f"python intuitor.py plot {tr.metrics_path}"
+        )
     if tr.rt.world_size > 1:
         dist.destroy_process_group()
     return tr.lm

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A CPU-sized Table 1: SmolLM2-135M-Instruct on short arithmetic (data/, made by `python common.py arithmetic data`),
 # one shared budget for every method, then greedy evaluation of each final model on the held-out split.
-# Usage: bash docs/table1.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [methods...]   (about 25 min per method, 2 cores)
+# Usage: bash docs/table1.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [methods...]   (about 15 min per method, 2 cores)
 set -euo pipefail
 M=$1; shift
 METHODS=${*:-"grpo grpo_pv intuitor"}
 OUT=runs/table1
 mkdir -p $OUT
-COMMON="--model $M --dataset data/arithmetic_train.jsonl --prompt_column question --prompts_per_step 8
+COMMON="--model $M --dataset data/arithmetic_train.jsonl --prompt_column question --prompts_per_step 4
   --num_generations 4 --max_completion_length 64 --max_steps 40 --learning_rate 5e-5 --micro_batch_size 8
   --save_steps 0 --log_completions_steps 10 --seed 42"
 declare -A REWARD=([grpo]="--reward accuracy" [grpo_pv]="--reward plurality" [intuitor]="--reward self_certainty"

@@ -110,8 +110,9 @@ def test_alarm_fires_on_the_hacking_signature():
 def test_alarm_fires_on_entropy_collapse():
     collapsed = stream(20, length=lambda s: 60, accuracy=lambda s: 0.5, reward=lambda s: 10 + 0.1 * s,
                        entropy=lambda s: 2.0 if s < 8 else 0.2)  # fmt: skip
-    fired, _ = alarms(collapsed)
+    fired, records = alarms(collapsed)
     assert fired and "entropy collapsed" in fired[0][1]
+    assert len(fired) == 1 and sum(r["monitor/alarm"] for r in records) > 5  # announced once, flagged throughout
 
 
 def test_alarm_is_silent_on_a_healthy_run():
