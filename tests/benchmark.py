@@ -195,7 +195,7 @@ def step_ours(path, a, out):
     if p.returncode:
         sys.exit("intuitor.py failed: " + p.stderr[-2000:])
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # first step warms up
-    return [r["perf/sample_s"] + r["perf/update_s"] for r in recs]
+    return [(r["perf/sample_s"] + r["perf/update_s"], r["train/completion_length"]) for r in recs]
 
 
 def step_trl(path, a):
@@ -261,7 +261,7 @@ def step_trl(path, a):
         use_cpu=True,
         report_to="none",
         save_strategy="no",
-        logging_steps=1000,
+        logging_steps=1,
         disable_tqdm=True,
         seed=0,
         reward_weights=[1.0, 0.0],
@@ -276,7 +276,8 @@ def step_trl(path, a):
     )
     holder["trainer"] = trainer
     trainer.train()
-    return times[1:]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return list(zip(times, lengths))[1:]  # first step warms up
 
 
 def step(args):
@@ -294,15 +295,20 @@ def step(args):
         if p.returncode:
             sys.exit("TRL run failed (pip install trl): " + p.stderr.strip().splitlines()[-1])
         trl += json.loads(p.stdout.strip().splitlines()[-1])
-    mo, mt = statistics.median(ours), statistics.median(trl)
+    mo, mt = (statistics.median(t for t, _ in side) for side in (ours, trl))
+    lo, lt = (statistics.mean(n for _, n in side) for side in (ours, trl))
+    # completions of different lengths cost different time: also per 1000 sampled completion tokens
+    ko, kt = (statistics.median(1000 * t / (n * args.prompts * args.G) for t, n in side) for side in (ours, trl))
     print(
         f"\n2. seconds per training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
         f"x G={args.G}, {args.length} new tokens, beta {args.beta}, micro-batch {args.mbs}, fp32, "
         f"CPU {os.cpu_count()} cores, {args.rounds} rounds A B"
     )
-    print("| implementation | median s/step | steps timed |\n|---|---|---|")
-    print(f"| intuitor.py | {mo:.2f} | {len(ours)} |\n| TRL GRPOTrainer + SC reward forward | {mt:.2f} | {len(trl)} |")
-    print(f"ratio intuitor / TRL = {mo / mt:.2f}  ({mt / mo:.2f}x faster)")
+    print("| implementation | median s/step | mean completion length | median s per 1k tokens | steps timed |")
+    print("|---|---|---|---|---|")
+    print(f"| intuitor.py | {mo:.2f} | {lo:.1f} | {ko:.2f} | {len(ours)} |")
+    print(f"| TRL GRPOTrainer + batched SC reward forward | {mt:.2f} | {lt:.1f} | {kt:.2f} | {len(trl)} |")
+    print(f"ratio intuitor / TRL: {mo / mt:.2f} per step, {ko / kt:.2f} per 1k completion tokens")
 
 
 # ----------------------------------------------------------------------------- 3. sampling throughput
