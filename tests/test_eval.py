@@ -45,7 +45,7 @@ def test_gold_answers():
     ],
 )
 def test_grading(completion, bench, gold, correct):
-    assert T.is_correct(T.extract_answer(completion, E.BENCHMARKS[bench][3]), gold) is correct
+    assert T.is_correct(T.extract_answer(completion, E.BENCHMARKS[bench].answer_format), gold) is correct
 
 
 # ---------------------------------------------------------------- statistics (hand-computed)
@@ -88,9 +88,10 @@ def test_borda_can_overrule_majority():
 
 
 def test_equivalent_answers_vote_together_and_no_answer_never_wins():
-    chosen = E.select(["0.5", "\\frac{1}{2}", "2", None, None], [0.1, 0.2, 0.9, 0.95, 0.99])
+    chosen = E.select(T.answer_clusters(["0.5", "\\frac{1}{2}", "2", None, None]), [0.1, 0.2, 0.9, 0.95, 0.99])
     assert chosen["majority"] == 1 and chosen["self_certainty"] == 4
     assert E.select([None, None], [0.1, 0.2])["majority"] == 1  # nothing to vote on: the most certain
+    assert E.select(None, [0.1, 0.2]) == {"self_certainty": 1}  # programs: no votes
 
 
 # ---------------------------------------------------------------- the script

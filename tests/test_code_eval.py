@@ -1,0 +1,235 @@
+"""The rest of Table 1: the sandbox against hostile programs, answer extraction, grading of HumanEval, MBPP,
+LiveCodeBench, CRUXEval-O and MMLU-Pro with known-good and known-bad answers, pass@k, and eval.py end to end."""
+
+import base64
+import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import types
+import zlib
+
+import pytest
+from conftest import ROOT
+
+import eval as E
+import sandbox
+
+DATA = os.path.join(ROOT, "tests", "data")
+ARGS = types.SimpleNamespace(grading_workers=0, timeout=5.0)
+
+
+def rows(name):
+    return [json.loads(line) for line in open(os.path.join(DATA, f"{name}_tiny.jsonl"))]
+
+
+def fenced(code):
+    return f"Here is my solution.\n```python\n{code}\n```\nDone."
+
+
+# ---------------------------------------------------------------- the sandbox
+def test_hostile_programs_fail_and_harm_nothing(tmp_path, monkeypatch):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    monkeypatch.setenv("HF_TOKEN", "secret-token-value")
+    bystander = subprocess.Popen(["sleep", "60"])  # stands for the grader and everything else on the host
+    temporary = set(os.listdir(tempfile.gettempdir()))
+    hostile = {
+        "infinite loop": "while True:\n    pass",
+        "sleep": "import time\ntime.sleep(60)",
+        "fork bomb": "import os\nwhile True:\n    os.fork()",
+        "process pool": "import multiprocessing as m\nfor _ in range(64):\n    m.Process(target=print).start()",
+        "subprocess": f"import subprocess\nsubprocess.run(['rm', '-rf', {str(tmp_path)!r}], check=True)",
+        "10 GB": "x = bytearray(10 * 1024**3)\nprint(len(x))",
+        "raise the limit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+        "delete": f"import os\nos.remove({str(precious)!r})",
+        "delete tree": f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+        "rename": f"import os\nos.rename({str(precious)!r}, 'stolen.txt')",
+        "overwrite": f"open({str(precious)!r}, 'w').write('gone')",
+        "read a secret": "import os\nprint(os.environ.get('HF_TOKEN'))\nassert os.environ.get('HF_TOKEN')",
+        "print gigabytes": "while True:\n    print('x' * 1_000_000)",
+        "kill a process": f"import os, signal\nos.kill({bystander.pid}, signal.SIGKILL)",
+    }
+    good = {
+        "arithmetic": "print(sum(range(10)))",
+        "stdin": "print(input()[::-1])",
+        "own directory": "import os, tempfile\nopen('a.txt', 'w').write('x')\nos.remove('a.txt')\n"
+        "tempfile.NamedTemporaryFile().write(b'1')\nprint('ok')",
+        "future import": "from __future__ import annotations\nprint('ok')",
+    }
+    jobs = [sandbox.Job(src, stdin="abc\n") for src in [*hostile.values(), *good.values()]]
+    try:
+        results = sandbox.run_many(jobs, timeout=3, max_output_bytes=1 << 20)
+        assert bystander.poll() is None  # still running
+    finally:
+        bystander.kill()
+    for name, result in zip(hostile, results):
+        assert not result.passed, name
+    for name, result in zip(good, results[len(hostile) :]):
+        assert result.passed, (name, result.stderr)
+    by_name = dict(zip([*hostile, *good], results))
+    assert by_name["infinite loop"].status == by_name["sleep"].status == "timeout"
+    assert len(by_name["print gigabytes"].stdout) <= 1 << 20
+    assert "secret-token-value" not in by_name["read a secret"].stdout
+    assert by_name["stdin"].stdout == "cba\n" and by_name["arithmetic"].stdout == "45\n"
+    assert precious.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["precious.txt"]
+    assert set(os.listdir(tempfile.gettempdir())) <= temporary  # every working directory was removed
+
+
+# ---------------------------------------------------------------- answer extraction
+def test_last_code_block():
+    assert E.last_code_block("a\n```python\nx = 1\n```\nthen\n```\ny = 2\n```\n") == "y = 2\n"  # the last
+    assert E.last_code_block("```py\nz = 3\n```") == "z = 3\n"
+    assert E.last_code_block("```python\nstart = 1\nnever closed") == "start = 1\nnever closed"  # cut off
+    assert E.last_code_block("def f():\n    return 1") is None  # prose or bare code is never run
+    assert E.last_code_block("```python") is None
+
+
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("Oxygen is common, but the answer is (C).", "C"),
+        ("The answer is: B", "B"),
+        ("So $\\boxed{E}$", "E"),
+        ("Answer: (D)", "D"),
+        ("I would pick J here", "J"),  # the benchmark's last-letter fallback
+        ("no idea", None),
+        ("The answer is (C). Wait, the answer is (A).", "A"),
+    ],
+)
+def test_extract_choice(text, letter):
+    assert E.extract_choice(text) == letter
+
+
+def test_extract_output():
+    assert E.extract_output("reasoning...\n[ANSWER]'CBA'[/ANSWER]") == "'CBA'"
+    assert E.extract_output("[ANSWER]assert f('abc') == 'CBA'[/ANSWER]") == "'CBA'"
+    assert E.extract_output("It returns:\n```python\n[1, 3]\n```") == "[1, 3]"
+    assert E.extract_output("thinking\n\n[1, 3]\n") == "[1, 3]"
+    assert E.extract_output("   \n") is None
+
+
+# ---------------------------------------------------------------- grading, known-good and known-bad answers
+def grade(benchmark, problem, completions):
+    return [correct for _, correct in E.grade_batch(benchmark, [problem], [completions], ARGS)[0]]
+
+
+def test_humaneval_grading():
+    problem = rows("humaneval")[0]
+    body = problem["canonical_solution"]
+    whole = problem["prompt"] + body  # the model rewrites the whole function
+    wrong = "    return False\n"
+    assert grade("humaneval", problem, [fenced(body), fenced(whole), fenced(wrong), body]) == [True, True, False, False]
+
+
+def test_mbpp_grading():
+    for problem in rows("mbpp"):  # includes task 367, whose setup code uses the solution's class
+        assert grade("mbpp", problem, [fenced(problem["code"]), fenced("def nothing():\n    pass")]) == [True, False]
+
+
+def test_livecodebench_grading_stdin_and_functional():
+    stdin, functional, mean = rows("livecodebench")
+    assert len(E.livecodebench_tests(stdin)) == 3  # one public + two compressed private tests
+    right = "a, b = map(int, input().split())\nprint(a + b)"
+    wrong_on_private = "a, b = map(int, input().split())\nprint(abs(a) + abs(b))"  # passes the public test
+    assert grade("livecodebench", stdin, [fenced(right), fenced(wrong_on_private)]) == [True, False]
+    method = "class Solution:\n    def twoLargest(self, nums):\n        return sorted(nums, reverse=True)[:2]"
+    wrong = "class Solution:\n    def twoLargest(self, nums):\n        return sorted(nums)[-2:]"
+    assert grade("livecodebench", functional, [fenced(method), fenced(wrong)]) == [True, False]
+    floats = "n = int(input())\nxs = list(map(int, input().split()))\nprint(f'{sum(xs) / n:.2f}')"  # 1.50, 2.00
+    assert grade("livecodebench", mean, [fenced(floats), fenced("print(0)")]) == [True, False]
+
+
+def test_livecodebench_private_tests_never_unpickle_code():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    problem = dict(rows("livecodebench")[0])
+    problem["private_test_cases"] = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
+    with pytest.raises(pickle.UnpicklingError):
+        E.livecodebench_tests(problem)
+
+
+def test_same_output():
+    assert E.same_output("3\n", "3")
+    assert E.same_output("1.50 2\n\n", "1.5 2.0")
+    assert E.same_output("a  b\nc\n", "a b\nc")
+    assert not E.same_output("3 4", "3")
+    assert not E.same_output("3\n4", "3")
+    assert not E.same_output("abc", "abd")
+
+
+def test_cruxeval_grading():
+    problems = rows("cruxeval")
+    assert grade("cruxeval", problems[0], ["[ANSWER]'CBA'[/ANSWER]", "[ANSWER]'cba'[/ANSWER]", "no answer"]) == [
+        True,
+        False,
+        False,
+    ]
+    assert grade("cruxeval", problems[1], ["[ANSWER]assert f([3, 4, 9, 10], 3) == [1, 3][/ANSWER]"]) == [True]
+    assert grade("cruxeval", problems[2], [f"[ANSWER]{problems[2]['output']}[/ANSWER]"]) == [True]
+
+
+def test_mmlu_pro_grading():
+    problem = E.load_problems(types.SimpleNamespace(benchmark="mmlu_pro", data=f"{DATA}/mmlu_pro_tiny.jsonl", limit=0))[
+        0
+    ]
+    assert "(C) Nitrogen" in problem["question"] and problem["gold"] == "C"
+    assert grade("mmlu_pro", problem, ["The answer is (C)", "The answer is (A)", "dunno"]) == [True, False, False]
+
+
+# ---------------------------------------------------------------- pass@k
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (5, 2, 4), (6, 3, 3), (4, 4, 2), (7, 1, 7)])
+def test_pass_at_k_against_enumeration(n, c, k):
+    """The chance that a k-subset of n samples (c correct) holds a correct one, by listing every subset."""
+    subsets = list(itertools.combinations(range(n), k))
+    naive = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+    assert E.pass_at_k(n, c, k) == pytest.approx(naive, abs=1e-12)
+
+
+# ---------------------------------------------------------------- eval.py end to end (tiny model: answers are noise)
+def run_eval(tiny_dir, out, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--max_new_tokens", "8"]
+    p = subprocess.run([*cmd, "--output", str(out), *extra], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [json.loads(line) for line in open(out)], json.load(open(str(out).replace(".jsonl", ".summary.json")))
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp", "livecodebench", "cruxeval", "mmlu_pro"])
+def test_eval_script_runs_each_benchmark(tiny_dir, tmp_path, name):
+    data = os.path.join(DATA, f"{name}_tiny.jsonl")
+    records, summary = run_eval(tiny_dir, tmp_path / "r.jsonl", "--benchmark", name, "--data", data)
+    assert len(records) == 3 and summary["n_problems"] == 3
+    for key in ("problem", "completion", "extracted", "correct", "self_certainty", "length", "truncated"):
+        assert key in records[0], key
+    for key in ("accuracy", "accuracy_ci95", "answer_found_frac", "self_certainty_vs_correctness", "system_prompt"):
+        assert key in summary, key
+    assert summary["system_prompt"] == E.NEUTRAL_SYSTEM_PROMPT
+    for key in E.BENCHMARKS[name].groups:
+        assert f"accuracy_by_{key}" in summary
+
+
+def test_eval_script_pass_at_k_and_selection(tiny_dir, tmp_path):
+    data = os.path.join(DATA, "mbpp_tiny.jsonl")
+    records, summary = run_eval(
+        tiny_dir, tmp_path / "r.jsonl", "--benchmark", "mbpp", "--data", data, "--n", "4", "--temperature", "1"
+    )
+    assert all(len(r["samples"]) == 4 and set(r["selected"]) == {"self_certainty"} for r in records)
+    assert [k for k in summary if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@4"]
+    assert summary["pass@1"] == pytest.approx(summary["accuracy"])  # pass@1 is the mean sample accuracy
+    assert summary["pass@4"] == summary["best_of_n/pass@n"]
+
+
+def test_eval_rejects_a_file_without_the_benchmark_columns(tiny_dir):
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--benchmark", "humaneval", "--data",
+         os.path.join(DATA, "mbpp_tiny.jsonl")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith("error:") and "prompt" in p.stderr and len(p.stderr.strip().splitlines()) == 1
