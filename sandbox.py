@@ -1,7 +1,7 @@
 """
 Run model-written Python, which can do anything, without letting it harm the machine that grades it.
 
-    results = sandbox.run_many([sandbox.Job(source="print(1 + 1)")])     # -> [Result(passed=True, stdout="2\n", ...)]
+    sandbox.run_many([sandbox.Job("def f(x):\n    return 2 * x", tests="assert f(2) == 4")])  # [Result(passed=True..)]
 
 Each program runs in its own process and session (so its whole process group can be killed), in a fresh
 temporary directory that is deleted afterwards, as user `nobody` when the grader runs as root (and nobody can
@@ -20,6 +20,7 @@ Programs run in parallel, one per core by default.
 
 import functools
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -34,14 +35,15 @@ NOBODY = 65534  # uid/gid the programs run as when the grader is root
 
 @dataclass
 class Job:
-    source: str  # a whole Python program
+    source: str  # a Python program
     stdin: str = ""  # its standard input
+    tests: str = ""  # code run after it in the same namespace; then the job passes only if they run to the end
 
 
 @dataclass
 class Result:
-    passed: bool  # exited with status 0 within the time limit
-    status: str  # "passed", "failed" (non-zero exit or killed by a limit) or "timeout"
+    passed: bool  # ran to the end (the tests, if any, to their end) and exited with status 0 in time
+    status: str  # "passed", "failed" (an error, killed by a limit, or exited before the tests ended), "timeout"
     returncode: int
     stdout: str  # at most max_output_bytes
     stderr: str  # the last 2000 characters
@@ -87,8 +89,19 @@ def guarded_os_open(path, flags, *args, **kwargs):
 builtins.open = io.open = guarded_open
 os.open = posix.open = guarded_os_open
 del builtins, io, posix, resource, shutil, subprocess, limit, value, module, name, paths
-source = open("program.py").read()
-exec(compile(source, "program.py", "exec"), {{"__name__": "__main__", "__builtins__": __builtins__}})
+namespace = {{"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}}
+finished = False  # marked in a file whose name the program is not told, so it cannot be faked by accident
+try:
+    exec(compile(open_file("program.py").read(), "program.py", "exec"), namespace)
+    if {has_tests}:  # sys.exit(0) inside the program must not skip them
+        exec(compile(open_file("tests.py").read(), "tests.py", "exec"), namespace)
+    finished = True
+except SystemExit as e:
+    finished = not {has_tests} and e.code in (None, 0)
+    raise
+finally:
+    if finished:
+        open_file({marker!r}, "w").close()
 """
 BLOCKED = (
     "kill killpg fork forkpty vfork setsid setpgid setuid setgid setreuid setregid system popen "
@@ -137,30 +150,38 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
     try:
         with open(os.path.join(home, "program.py"), "w") as f:
             f.write(job.source)
+        with open(os.path.join(home, "tests.py"), "w") as f:
+            f.write(job.tests)
         with open(os.path.join(home, "stdin.txt"), "w") as f:
             f.write(job.stdin)
         if as_nobody:
-            for name in ("", "program.py", "stdin.txt"):
+            for name in ("", "program.py", "tests.py", "stdin.txt"):
                 os.chown(os.path.join(home, name), NOBODY, NOBODY)
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        runner = RUNNER.format(limits=limits, blocked=BLOCKED, inside_only=INSIDE_ONLY)
+        marker = f"finished-{secrets.token_hex(8)}"
+        runner = RUNNER.format(
+            limits=limits, blocked=BLOCKED, inside_only=INSIDE_ONLY, has_tests=bool(job.tests), marker=marker
+        )
         start = time.perf_counter()
         with (
             open(os.path.join(home, "stdin.txt")) as stdin,
             open(os.path.join(home, "stdout.txt"), "w") as stdout,
             open(os.path.join(home, "stderr.txt"), "w") as stderr,
         ):
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-c", runner],
-                cwd=home,
-                env=env,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-                close_fds=True,
-                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
-            )
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-I", "-B", "-c", runner],
+                    cwd=home,
+                    env=env,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    start_new_session=True,
+                    close_fds=True,
+                    **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
+                )
+            except OSError as e:  # could not start it (out of processes or files): a failed sample
+                return Result(False, "failed", -1, "", f"sandbox: cannot start the program: {e}", 0.0)
             try:
                 returncode, status = process.wait(timeout=timeout), None
             except subprocess.TimeoutExpired:
@@ -176,7 +197,8 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
             with open(os.path.join(home, name), errors="replace") as f:
                 return f.read(size)
 
-        status = status or ("passed" if returncode == 0 else "failed")
+        finished = os.path.exists(os.path.join(home, marker))
+        status = status or ("passed" if returncode == 0 and finished else "failed")
         stderr_text = read("stderr.txt", max_output_bytes)[-2000:]
         return Result(
             status == "passed", status, returncode, read("stdout.txt", max_output_bytes), stderr_text, seconds

@@ -9,17 +9,16 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import types
 import zlib
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, torchrun
 
+import benchmarks as B
 import eval as E
 import sandbox
 
 DATA = os.path.join(ROOT, "tests", "data")
-ARGS = types.SimpleNamespace(grading_workers=0, timeout=5.0)
 
 
 def rows(name):
@@ -81,11 +80,11 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- answer extraction
 def test_last_code_block():
-    assert E.last_code_block("a\n```python\nx = 1\n```\nthen\n```\ny = 2\n```\n") == "y = 2\n"  # the last
-    assert E.last_code_block("```py\nz = 3\n```") == "z = 3\n"
-    assert E.last_code_block("```python\nstart = 1\nnever closed") == "start = 1\nnever closed"  # cut off
-    assert E.last_code_block("def f():\n    return 1") is None  # prose or bare code is never run
-    assert E.last_code_block("```python") is None
+    assert B.last_code_block("a\n```python\nx = 1\n```\nthen\n```\ny = 2\n```\n") == "y = 2\n"  # the last
+    assert B.last_code_block("```py\nz = 3\n```") == "z = 3\n"
+    assert B.last_code_block("```python\nstart = 1\nnever closed") == "start = 1\nnever closed"  # cut off
+    assert B.last_code_block("def f():\n    return 1") is None  # prose or bare code is never run
+    assert B.last_code_block("```python") is None
 
 
 @pytest.mark.parametrize(
@@ -101,20 +100,20 @@ def test_last_code_block():
     ],
 )
 def test_extract_choice(text, letter):
-    assert E.extract_choice(text) == letter
+    assert B.extract_choice(text) == letter
 
 
 def test_extract_output():
-    assert E.extract_output("reasoning...\n[ANSWER]'CBA'[/ANSWER]") == "'CBA'"
-    assert E.extract_output("[ANSWER]assert f('abc') == 'CBA'[/ANSWER]") == "'CBA'"
-    assert E.extract_output("It returns:\n```python\n[1, 3]\n```") == "[1, 3]"
-    assert E.extract_output("thinking\n\n[1, 3]\n") == "[1, 3]"
-    assert E.extract_output("   \n") is None
+    assert B.extract_output("reasoning...\n[ANSWER]'CBA'[/ANSWER]") == "'CBA'"
+    assert B.extract_output("[ANSWER]assert f('abc') == 'CBA'[/ANSWER]") == "'CBA'"
+    assert B.extract_output("It returns:\n```python\n[1, 3]\n```") == "[1, 3]"
+    assert B.extract_output("thinking\n\n[1, 3]\n") == "[1, 3]"
+    assert B.extract_output("   \n") is None
 
 
 # ---------------------------------------------------------------- grading, known-good and known-bad answers
 def grade(benchmark, problem, completions):
-    return [correct for _, correct in E.grade_batch(benchmark, [problem], [completions], ARGS)[0]]
+    return [correct for _, correct in B.grade_batch(benchmark, [problem], [completions], timeout=5)[0]]
 
 
 def test_humaneval_grading():
@@ -123,6 +122,9 @@ def test_humaneval_grading():
     whole = problem["prompt"] + body  # the model rewrites the whole function
     wrong = "    return False\n"
     assert grade("humaneval", problem, [fenced(body), fenced(whole), fenced(wrong), body]) == [True, True, False, False]
+    # leaving before the tests run is a failure, not a pass
+    exits = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "    raise SystemExit\n"]
+    assert grade("humaneval", problem, [fenced(code) for code in exits]) == [False, False, False]
 
 
 def test_mbpp_grading():
@@ -132,11 +134,18 @@ def test_mbpp_grading():
 
 def test_livecodebench_grading_stdin_and_functional():
     stdin, functional, mean = rows("livecodebench")
-    assert len(E.livecodebench_tests(stdin)) == 3  # one public + two compressed private tests
+    assert len(B.livecodebench_tests(stdin)) == 3  # one public + two compressed private tests
     right = "a, b = map(int, input().split())\nprint(a + b)"
     wrong_on_private = "a, b = map(int, input().split())\nprint(abs(a) + abs(b))"  # passes the public test
-    assert grade("livecodebench", stdin, [fenced(right), fenced(wrong_on_private)]) == [True, False]
-    method = "class Solution:\n    def twoLargest(self, nums):\n        return sorted(nums, reverse=True)[:2]"
+    then_exit = right + "\nexit()"  # a stdin program may end with exit(): it has no tests to skip
+    assert grade("livecodebench", stdin, [fenced(right), fenced(wrong_on_private), fenced(then_exit)]) == [
+        True,
+        False,
+        True,
+    ]
+    method = (
+        "class Solution:\n    def twoLargest(self, nums: List[int]) -> List[int]:\n        return nlargest(2, nums)"
+    )
     wrong = "class Solution:\n    def twoLargest(self, nums):\n        return sorted(nums)[-2:]"
     assert grade("livecodebench", functional, [fenced(method), fenced(wrong)]) == [True, False]
     floats = "n = int(input())\nxs = list(map(int, input().split()))\nprint(f'{sum(xs) / n:.2f}')"  # 1.50, 2.00
@@ -151,16 +160,16 @@ def test_livecodebench_private_tests_never_unpickle_code():
     problem = dict(rows("livecodebench")[0])
     problem["private_test_cases"] = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
     with pytest.raises(pickle.UnpicklingError):
-        E.livecodebench_tests(problem)
+        B.livecodebench_tests(problem)
 
 
 def test_same_output():
-    assert E.same_output("3\n", "3")
-    assert E.same_output("1.50 2\n\n", "1.5 2.0")
-    assert E.same_output("a  b\nc\n", "a b\nc")
-    assert not E.same_output("3 4", "3")
-    assert not E.same_output("3\n4", "3")
-    assert not E.same_output("abc", "abd")
+    assert B.same_output("3\n", "3")
+    assert B.same_output("1.50 2\n\n", "1.5 2.0")
+    assert B.same_output("a  b\nc\n", "a b\nc")
+    assert not B.same_output("3 4", "3")
+    assert not B.same_output("3\n4", "3")
+    assert not B.same_output("abc", "abd")
 
 
 def test_cruxeval_grading():
@@ -175,9 +184,7 @@ def test_cruxeval_grading():
 
 
 def test_mmlu_pro_grading():
-    problem = E.load_problems(types.SimpleNamespace(benchmark="mmlu_pro", data=f"{DATA}/mmlu_pro_tiny.jsonl", limit=0))[
-        0
-    ]
+    problem = B.load_problems("mmlu_pro", os.path.join(DATA, "mmlu_pro_tiny.jsonl"))[0]
     assert "(C) Nitrogen" in problem["question"] and problem["gold"] == "C"
     assert grade("mmlu_pro", problem, ["The answer is (C)", "The answer is (A)", "dunno"]) == [True, False, False]
 
@@ -209,8 +216,8 @@ def test_eval_script_runs_each_benchmark(tiny_dir, tmp_path, name):
         assert key in records[0], key
     for key in ("accuracy", "accuracy_ci95", "answer_found_frac", "self_certainty_vs_correctness", "system_prompt"):
         assert key in summary, key
-    assert summary["system_prompt"] == E.NEUTRAL_SYSTEM_PROMPT
-    for key in E.BENCHMARKS[name].groups:
+    assert summary["system_prompt"] == B.NEUTRAL_SYSTEM_PROMPT
+    for key in B.BENCHMARKS[name].groups:
         assert f"accuracy_by_{key}" in summary
 
 
@@ -223,6 +230,16 @@ def test_eval_script_pass_at_k_and_selection(tiny_dir, tmp_path):
     assert [k for k in summary if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@4"]
     assert summary["pass@1"] == pytest.approx(summary["accuracy"])  # pass@1 is the mean sample accuracy
     assert summary["pass@4"] == summary["best_of_n/pass@n"]
+
+
+def test_code_eval_under_torchrun_gathers_all_problems_in_order(tiny_dir, tmp_path):
+    args = ["--benchmark", "mbpp", "--data", os.path.join(DATA, "mbpp_tiny.jsonl"), "--batch_size", "1"]
+    one, _ = run_eval(tiny_dir, tmp_path / "one.jsonl", *args)
+    torchrun(2, os.path.join(ROOT, "eval.py"), "--model", tiny_dir, "--max_new_tokens", "8", *args, "--output",
+             str(tmp_path / "two.jsonl"))  # fmt: skip
+    two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert [r["index"] for r in two] == [0, 1, 2]
+    assert [(r["completion"], r["correct"]) for r in two] == [(r["completion"], r["correct"]) for r in one]
 
 
 def test_eval_rejects_a_file_without_the_benchmark_columns(tiny_dir):

@@ -8,6 +8,7 @@ import sys
 import pytest
 from conftest import ROOT, torchrun
 
+import benchmarks as B
 import common as T
 import eval as E
 
@@ -45,7 +46,7 @@ def test_gold_answers():
     ],
 )
 def test_grading(completion, bench, gold, correct):
-    assert T.is_correct(T.extract_answer(completion, E.BENCHMARKS[bench].answer_format), gold) is correct
+    assert T.is_correct(T.extract_answer(completion, B.BENCHMARKS[bench].answer_format), gold) is correct
 
 
 # ---------------------------------------------------------------- statistics (hand-computed)
