@@ -41,6 +41,9 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
+    def __str__(self):
+        return f"{self.world_size} rank(s) on {self.device.type}{', bf16 autocast' if self.bf16 else ''}"
+
 
 def runtime_from_env(device="auto", dtype="auto"):
     """Rank, world size and device from the environment, without touching the device."""
@@ -357,6 +360,120 @@ def plurality_votes(answers):
     return [float(label is not None and label == top) for label in labels]
 
 
+# ----------------------------------------------------------------------------- sampling and batches
+def sampling_logits(logits, temperature, top_k=0, top_p=1.0):
+    """What tokens are drawn from: logits / temperature, then top-k, then nucleus (top-p) filtering. Rewards
+    and entropy are read from the raw temperature-1 logits, as the official code does."""
+    z = logits / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1])).values[:, -1:], -math.inf)
+    if top_p < 1:
+        z_sorted, order = z.sort(-1, descending=True)
+        p = torch.softmax(z_sorted, -1)
+        outside = p.cumsum(-1) - p > top_p  # tokens after the nucleus has reached top_p
+        z = z.scatter(-1, order, z_sorted.masked_fill(outside, -math.inf))
+    return z
+
+
+class Batch(NamedTuple):
+    """Rollouts as tensors: left-padded prompts followed by right-padded completions, so the
+    prompt/completion boundary is one column, n_prompt, for the whole batch."""
+
+    ids: torch.Tensor  # (B, n_prompt + C) token ids
+    attention_mask: torch.Tensor  # (B, n_prompt + C) 1 on real tokens
+    n_prompt: int  # width of the prompt block
+    completion_mask: torch.Tensor  # (B, C) bool, True on completion tokens
+
+
+def collate(rollouts, pad_id, device):
+    width = max(len(r.prompt) for r in rollouts)
+    length = max(len(r.completion) for r in rollouts)
+    ids, attn, cmask = [], [], []
+    for r in rollouts:
+        left, right = width - len(r.prompt), length - len(r.completion)
+        ids.append([pad_id] * left + r.prompt + r.completion + [pad_id] * right)
+        attn.append([0] * left + [1] * (len(r.prompt) + len(r.completion)) + [0] * right)
+        cmask.append([1] * len(r.completion) + [0] * right)
+    ids, attn, cmask = (torch.tensor(x, device=device) for x in (ids, attn, cmask))
+    return Batch(ids, attn, width, cmask.bool())
+
+
+def micro_batches(rollouts, size, pad_id, device):
+    """(rollouts, Batch) pairs of at most `size` sequences."""
+    parts = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+    return [(part, collate(part, pad_id, device)) for part in parts]
+
+
+def make_optimizer(lm, args, total_steps, state=None):
+    """AdamW with linear warmup then cosine decay over total_steps optimizer steps; resumed from `state`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def copy_weights(source, target):
+    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype."""
+    for dst, src in zip(target.parameters(), source.parameters(), strict=True):
+        dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------- memory plan
+def memory_plan(config, n_params, args, world_size=1, bf16=True):
+    """GiB one rank needs, by what holds them, from the model's shape and the flags (an estimate, printed at
+    start): fp32 master weights, their gradients (during the update only) and AdamW's two moments; the frozen
+    reference (bf16 on GPU); the KV cache of one generation batch (prompt + completion tokens per sequence,
+    bf16 under autocast); one micro-batch's saved activations (per token and layer, under autocast: norms'
+    fp32 inputs, attention q, k, v and output, the MLP's four intermediates; with gradient checkpointing, one
+    fp32 hidden state per layer plus one layer recomputed). Peak = persistent + the larger phase."""
+    act, gib = (2 if bf16 else 4), 2**30
+    hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    sequences = args.generation_batch_size or args.prompts_per_step // world_size * args.num_generations
+    tokens = args.max_prompt_length + args.max_completion_length
+    per_layer = 8 * hidden + act * (4 * hidden + 2 * kv * head_dim + 4 * inter)  # bytes per token
+    checkpointed = layers * 4 * hidden + per_layer if args.gradient_checkpointing else layers * per_layer
+    plan = {
+        "weights (fp32)": 4 * n_params,
+        "AdamW moments": 8 * n_params,
+        "reference": (act * n_params) if args.beta > 0 or args.certainty_model == "reference" else 0,
+        "bf16 sampling copy": 2 * n_params if args.sampling_weights == "bf16" else 0,
+        "KV cache (sampling)": 2 * layers * kv * head_dim * act * sequences * tokens,
+        "gradients (update)": 4 * n_params,
+        "activations (update)": checkpointed * args.micro_batch_size * tokens,
+    }
+    plan = {key: value / gib for key, value in plan.items()}
+    persistent = plan["weights (fp32)"] + plan["AdamW moments"] + plan["reference"] + plan["bf16 sampling copy"]
+    plan["peak"] = persistent + max(
+        plan["KV cache (sampling)"], plan["gradients (update)"] + plan["activations (update)"]
+    )
+    return plan
+
+
+def check_memory(plan, rt):
+    """Print the plan (rank 0); on a device it cannot fit, one error line naming the flags that shrink it."""
+    if rt.device.type == "cuda":
+        where = torch.cuda.get_device_name(rt.device)
+        capacity = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
+    else:  # the ranks of one machine share its memory
+        where = "this machine's memory"
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / rt.world_size / 2**30
+    if rt.rank == 0:
+        parts = ", ".join(f"{key} {value:.1f}" for key, value in plan.items() if key != "peak")
+        print(f"memory plan per rank, GiB: {parts}; peak {plan['peak']:.1f} of {capacity:.1f} ({where})", flush=True)
+    if plan["peak"] > capacity:
+        die(
+            f"the memory plan ({plan['peak']:.1f} GiB per rank) exceeds {where} ({capacity:.1f} GiB): lower "
+            "--generation_batch_size (KV cache), --micro_batch_size, or add --gradient_checkpointing (activations)"
+        )
+
+
 # ----------------------------------------------------------------------------- run directories and checkpoints
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -671,7 +788,8 @@ def show_completion(tokenizer, rollout):
 # Flags that --resume may change: they do not change what the run computes.
 MAY_CHANGE_ON_RESUME = set(
     """max_steps save_steps save_total_limit resume overwrite_output_dir device output_dir
-    log_completions_steps micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing""".split()
+    log_completions_steps micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler
+    sampling_weights""".split()
 )
 
 
@@ -713,6 +831,20 @@ def check_train_args(args, world_size):
             die(message)
     if a.resume and a.overwrite_output_dir:
         die("--resume and --overwrite_output_dir contradict each other; pass one")
+
+
+def parse_reward(spec, rewards):
+    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1; names must be in `rewards`."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        if name not in rewards:
+            die(f"--reward: unknown reward {name!r}; choose from {', '.join(rewards)}")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            die(f"--reward: weight {weight!r} of {name} is not a number")
+    return weights
 
 
 def seed_step(seed, step, rank):

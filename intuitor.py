@@ -13,8 +13,8 @@ The algorithm, one optimizer step (paper Sec. 3, Eq. 3-5):
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
   4. minimise the clipped surrogate + beta * KL(pi || pi_ref) with the k3 estimator.
 
-The file reads in that order, then the loop; an appendix holds a vocabulary-streamed lm_head (no tokens x |V|
-tensor, forward or backward). common.py holds what training and eval.py share: models, data, grading, runs.
+The file reads in that order, then the loop; appendices hold a vocabulary-streamed lm_head (no tokens x |V|
+tensor, forward or backward) and a fixed-shape sampler for GPUs. common.py: what training and eval.py share.
 Before you fork: token i is scored at position i-1 (the official `logits[:, -C:]` is off by one); on GPU the
 policy keeps fp32 master weights under bf16 autocast; every step re-seeds from (seed, step, rank), so a resumed
 run samples what an uninterrupted one would; a prompt's G completions share a rank; the loss normaliser is global.
@@ -70,6 +70,8 @@ class Args:
     temperature: float = arg(0.9, "sampling temperature; log-probs use logits / temperature")
     top_k: int = arg(0, "sample from the k most likely tokens; 0 = all (the official recipes: 50)")
     top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
+    sampler: Literal["eager", "static"] = arg("eager", "static: fixed-shape KV cache, a CUDA graph per step on GPU")
+    sampling_weights: Literal["autocast", "bf16"] = arg("autocast", "GPU: autocast over fp32 weights, or a bf16 copy")
     # reward (step 2)
     reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
     certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
@@ -143,20 +145,6 @@ def entropy(logits):
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
-def sampling_logits(logits, temperature, top_k=0, top_p=1.0):
-    """What tokens are drawn from: logits / temperature, then top-k, then nucleus (top-p) filtering. Rewards
-    and entropy are read from the raw temperature-1 logits, as the official code does."""
-    z = logits / temperature
-    if top_k:
-        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1])).values[:, -1:], -math.inf)
-    if top_p < 1:
-        z_sorted, order = z.sort(-1, descending=True)
-        p = torch.softmax(z_sorted, -1)
-        outside = p.cumsum(-1) - p > top_p  # tokens after the nucleus has reached top_p
-        z = z.scatter(-1, order, z_sorted.masked_fill(outside, -math.inf))
-    return z
-
-
 @torch.no_grad()
 def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
     """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
@@ -186,11 +174,7 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
     for t in range(max_new_tokens):
         certainty_sum[rows] += self_certainty(logits)
         entropy_sum[rows] += entropy(logits)
-        if temperature > 0:
-            z = sampling_logits(logits, temperature, top_k, top_p)
-            next_token = torch.multinomial(torch.softmax(z, -1), 1).squeeze(1)
-        else:
-            next_token = logits.argmax(-1)
+        next_token = choose_tokens(logits, temperature, top_k, top_p)
         tokens[rows, t] = next_token
         length[rows] += 1
         done = torch.isin(next_token, stop)
@@ -207,6 +191,18 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
+    return to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, truncated)
+
+
+def choose_tokens(logits, temperature, top_k=0, top_p=1.0):
+    """Each row's next token: drawn from sampling_logits, or the most likely one at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(common.sampling_logits(logits, temperature, top_k, top_p), -1), 1).squeeze(1)
+
+
+def to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, truncated):
+    """One Rollout per sequence, with its per-token means of self-certainty and entropy."""
     rollouts = []
     for k, n_tokens in enumerate(length.long().tolist()):
         sc, ent = certainty_sum[k].item() / n_tokens, entropy_sum[k].item() / n_tokens
@@ -259,20 +255,6 @@ REWARDS = {
 NEEDS_ANSWERS = {"accuracy", "plurality"}
 
 
-def parse_reward(spec):
-    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1."""
-    weights = {}
-    for part in spec.split(","):
-        name, _, weight = part.strip().partition("=")
-        if name not in REWARDS:
-            die(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
-        try:
-            weights[name] = float(weight) if weight else 1.0
-        except ValueError:
-            die(f"--reward: weight {weight!r} of {name} is not a number")
-    return weights
-
-
 def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
     """Every named reward of every rollout, as tensors; certainty_model 'reference' makes SC the offline one."""
     offline = {"self_certainty": offline_self_certainty} if certainty_model == "reference" else {}
@@ -323,40 +305,11 @@ def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequenc
 
 
 # ----------------------------------------------------------------------------- 4. the update
-class Batch(NamedTuple):
-    """Rollouts as tensors: left-padded prompts followed by right-padded completions, so the
-    prompt/completion boundary is one column, n_prompt, for the whole batch."""
-
-    ids: torch.Tensor  # (B, n_prompt + C) token ids
-    attention_mask: torch.Tensor  # (B, n_prompt + C) 1 on real tokens
-    n_prompt: int  # width of the prompt block
-    completion_mask: torch.Tensor  # (B, C) bool, True on completion tokens
-
-
-def collate(rollouts, pad_id, device):
-    width = max(len(r.prompt) for r in rollouts)
-    length = max(len(r.completion) for r in rollouts)
-    ids, attn, cmask = [], [], []
-    for r in rollouts:
-        left, right = width - len(r.prompt), length - len(r.completion)
-        ids.append([pad_id] * left + r.prompt + r.completion + [pad_id] * right)
-        attn.append([0] * left + [1] * (len(r.prompt) + len(r.completion)) + [0] * right)
-        cmask.append([1] * len(r.completion) + [0] * right)
-    ids, attn, cmask = (torch.tensor(x, device=device) for x in (ids, attn, cmask))
-    return Batch(ids, attn, width, cmask.bool())
-
-
-def micro_batches(rollouts, size, pad_id, device):
-    """(rollouts, Batch) pairs of at most `size` sequences."""
-    parts = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
-    return [(part, collate(part, pad_id, device)) for part in parts]
-
-
 @torch.no_grad()
 def reference_pass(ref, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
     """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
     from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
-    for part, batch in micro_batches(rollouts, micro_batch_size, pad_id, next(ref.parameters()).device):
+    for part, batch in common.micro_batches(rollouts, micro_batch_size, pad_id, next(ref.parameters()).device):
         with autocast():
             stats = ref(*batch)
         for k, r in enumerate(part):
@@ -387,7 +340,7 @@ def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nul
     scorer = getattr(model, "module", model)
     device = next(scorer.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    parts = micro_batches(rollouts, micro_batch_size, pad_id, device)
+    parts = common.micro_batches(rollouts, micro_batch_size, pad_id, device)
     advantages = [torch.tensor([r.advantage for r in part], device=device) for part, _ in parts]
     in_loss = [torch.tensor([not (mask_truncated and r.truncated) for r in part], device=device) for part, _ in parts]
     kept = [r for r in rollouts if not (mask_truncated and r.truncated)]
@@ -434,11 +387,10 @@ def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nul
 
 # ----------------------------------------------------------------------------- training loop
 @dataclass
-class Trainer:
-    """What the loop needs, built once by setup()."""
-
+class Trainer:  # what the loop needs, built once by setup()
     rt: common.Runtime
     lm: torch.nn.Module  # the policy (a transformers causal LM): sampled from, updated, saved
+    sampling_lm: torch.nn.Module  # lm itself, or its bf16 copy (--sampling_weights bf16)
     model: torch.nn.Module  # the same weights as a CompletionLogProbs scorer, DDP-wrapped on several ranks
     ref: torch.nn.Module | None  # the frozen initial model as a scorer (KL term, offline self-certainty)
     tokenizer: object
@@ -455,11 +407,9 @@ class Trainer:
 def setup(args):
     """Flags, output directory and data are checked before any model loads; then policy, reference,
     optimizer and schedule, resumed from the newest readable checkpoint with --resume."""
-    from transformers import get_cosine_schedule_with_warmup
-
     rt = common.runtime_from_env(args.device, args.dtype)
     common.check_train_args(args, rt.world_size)
-    weights = parse_reward(args.reward)
+    weights = common.parse_reward(args.reward, REWARDS)
     lock = common.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir) if rt.rank == 0 else None
     rows, questions, golds = common.load_questions(
         args.dataset, args.dataset_split, args.prompt_column, args.answer_column, need_gold="accuracy" in weights
@@ -469,6 +419,8 @@ def setup(args):
         common.check_same_run(state["args"], asdict(args), common.MAY_CHANGE_ON_RESUME)
     common.init_distributed(rt)
     lm, tokenizer = common.load_model(ckpt or args.model, rt.device)
+    n_params = sum(p.numel() for p in lm.parameters())
+    common.check_memory(common.memory_plan(lm.config, n_params, args, rt.world_size, rt.bf16), rt)
     prompts, skipped = common.load_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
     if len(prompts) < args.prompts_per_step:
         die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
@@ -478,13 +430,10 @@ def setup(args):
         ref_lm = common.load_model(args.model, rt.device)[0] if ckpt else copy.deepcopy(lm)
         ref_lm.requires_grad_(False).eval().to(torch.bfloat16 if rt.bf16 else torch.float32)
         ref = CompletionLogProbs(ref_lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
+    bf16_copy = args.sampling_weights == "bf16"  # GPU option: sample from a bf16 copy, refreshed after updates
+    sampling_lm = copy.deepcopy(lm).requires_grad_(False).eval().to(torch.bfloat16) if bf16_copy else lm
     max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    total = max_steps * args.num_iterations
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total), total)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    optimizer, scheduler = common.make_optimizer(lm, args, max_steps * args.num_iterations, state)
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = CompletionLogProbs(lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
@@ -496,10 +445,10 @@ def setup(args):
     if rt.rank == 0:
         common.open_output_dir(args.output_dir, args.overwrite_output_dir, lock)
         common.restart_metrics(metrics_path, start_step)
-        where = f"{rt.world_size} rank(s) on {rt.device.type}{', bf16 autocast' if rt.bf16 else ''}"
         resumed = f", resumed from {ckpt}" if ckpt else ""
-        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {where}{resumed}")
-    parts = (lm, model, ref, tokenizer, optimizer, scheduler, prompts, common.stop_token_ids(tokenizer, lm))
+        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {rt}{resumed}")
+    stop_ids = common.stop_token_ids(tokenizer, lm)
+    parts = (lm, sampling_lm, model, ref, tokenizer, optimizer, scheduler, prompts, stop_ids)
     answer_format = common.infer_answer_format(rows, args.answer_column, args.answer_format)
     return Trainer(rt, *parts, start_step, max_steps, metrics_path, answer_format)
 
@@ -507,11 +456,12 @@ def setup(args):
 def train(args):
     tr = setup(args)
     G, pad_id, rank = args.num_generations, tr.tokenizer.pad_token_id, tr.rt.rank
-    weights = parse_reward(args.reward)
+    weights = common.parse_reward(args.reward, REWARDS)
     per_call = args.generation_batch_size // G or len(tr.prompts)  # prompts sampled at once (0 = all)
     has_gold = any(p.gold is not None for p in tr.prompts)  # grade for the reward or for the accuracy monitor
     needs_answers = has_gold or bool(NEEDS_ANSWERS & weights.keys())
     config = UpdateConfig(*(getattr(args, name) for name in UpdateConfig._fields))
+    sampler = sample_static if args.sampler == "static" else sample  # the same Rollouts either way
     skipped_in_a_row = 0  # optimizer steps skipped for a non-finite gradient, in a row
     alarm = common.HackingAlarm()  # watches each step's record for reward hacking and collapse
     logger = common.make_logger(args.report_to, args.output_dir, asdict(args)) if rank == 0 else None
@@ -527,7 +477,7 @@ def train(args):
             with tr.rt.autocast():
                 ids = [p.ids for p in prompts[i : i + per_call]]
                 knobs = (args.temperature, tr.stop_ids, pad_id, args.top_k, args.top_p)
-                rollouts += sample(tr.lm, ids, G, args.max_completion_length, *knobs)
+                rollouts += sampler(tr.sampling_lm, ids, G, args.max_completion_length, *knobs)
         sample_s = time.time() - t0
 
         # 2. rewards. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor; the frozen
@@ -550,6 +500,8 @@ def train(args):
         skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] else 0
         if not common.all_finite(tr.lm):  # a finite gradient, too large a step: stop before anything is saved
             die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
+        if tr.sampling_lm is not tr.lm:
+            common.copy_weights(tr.lm, tr.sampling_lm)
 
         # 5. log the step; checkpoint every save_steps and at the end
         record = common.step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s, G)
@@ -570,19 +522,15 @@ def train(args):
             if tr.rt.world_size > 1:
                 dist.barrier()
     if rank == 0:
-        print(
-            f"done: {args.output_dir}/checkpoint-{tr.max_steps} and {tr.metrics_path}; curves: "
-            f"python intuitor.py plot {tr.metrics_path}"
-        )
+        print(f"done: {args.output_dir}/checkpoint-{tr.max_steps}; curves: python intuitor.py plot {tr.metrics_path}")
     if tr.rt.world_size > 1:
         dist.destroy_process_group()
     return tr.lm
 
 
 # ----------------------------------------------------------------------------- appendix: the streamed lm_head
-# Scoring a 3k-token completion with a 150k vocabulary would hold a (tokens x |V|) logits tensor (1.7 GB in
-# fp32 per sequence). Everything below computes the same quantities one (token chunk x vocabulary slice)
-# tile at a time, forward and backward.
+# Scoring a 3k-token completion with a 150k vocabulary would hold a (tokens x |V|) logits tensor (1.7 GB in fp32
+# per sequence). Below, the same quantities one (token chunk x vocabulary slice) tile at a time, both directions.
 def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=None):
     """One token chunk through the lm_head, one vocabulary slice at a time (an online logsumexp keeps a few
     numbers per token): the target log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean
@@ -627,9 +575,9 @@ def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, v
 class StreamedLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
 
-    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated straight into grad_h and grad_W, so neither
-    pass holds more than one tile of logits (torch.utils.checkpoint cannot do this: each weight slice's
-    backward would allocate a full-size weight gradient)."""
+    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and, for the model's fp32
+    weight, into W.grad itself: autograd gets a stride-0 zero, so no second full-size weight gradient exists,
+    and DDP's hooks and a tied embedding's gradient still arrive through autograd. One tile of logits at most."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
@@ -647,7 +595,10 @@ class StreamedLogProbs(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk = ctx.conf
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        direct = weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
+        if direct and weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad_w = weight.grad if direct else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward did
             for i in range(0, h.shape[0], chunk_size):
                 hc, tc = h[i : i + chunk_size], targets[i : i + chunk_size]
@@ -659,7 +610,8 @@ class StreamedLogProbs(torch.autograd.Function):
                     dz[hit, tc[hit] - v0] += g[hit]
                     grad_h[i : i + chunk_size] += dz @ w.float()
                     grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
-        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None, None
+        grad_w = weight.new_zeros(()).expand(weight.shape) if direct else grad_w.to(weight.dtype)
+        return grad_h.to(h.dtype), grad_w, None, None, None, None
 
 
 class CompletionLogProbs(torch.nn.Module):
@@ -687,6 +639,54 @@ class CompletionLogProbs(torch.nn.Module):
         if torch.is_grad_enabled():
             return scatter(StreamedLogProbs.apply(h, weight, targets, *self.conf))
         return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.conf).items()}
+
+
+# ----------------------------------------------------------------------------- appendix: a sampler for GPUs
+# On a GPU sample() is launch-bound: every decode step issues hundreds of small kernels from Python. Here the KV
+# cache is preallocated and no tensor changes shape (finished sequences go on decoding, masked out), so on CUDA
+# the decode step runs as a CUDA graph (torch.compile "reduce-overhead"). On CPU it runs eagerly; the tests hold
+# it to sample(), token for token, on left-padded prompts whose completions stop at different steps.
+COMPILED = {}  # id(model) -> its compiled forward
+
+
+@torch.no_grad()
+def sample_static(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
+    """sample() with a static KV cache and a fixed-shape decode step (--sampler static)."""
+    from transformers import StaticCache
+
+    device = next(lm.parameters()).device
+    rows = [p for p in prompts for _ in range(num_generations)]  # a prompt's G samples adjacent
+    n, width = len(rows), -(-max(map(len, prompts)) // 64) * 64  # padded to a multiple of 64: few shapes to compile
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in rows], device=device)
+    # one mask over the whole cache: the prompt's tokens now, each new token as it is written
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in rows], device=device)
+    pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(config=lm.config, max_cache_len=width + max_new_tokens)
+    where = torch.arange(width, device=device)  # the cache positions written by this call
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, cache_position=where,
+             logits_to_keep=1)  # fmt: skip
+    logits, pos, where = out.logits[:, -1].float(), pos[:, -1:], where[-1:]
+    if not torch.isfinite(logits).all():
+        die("the model's logits hold NaN/inf: its weights are broken (a diverged run?); lower --learning_rate")
+    on_gpu = device.type == "cuda"  # compiled once per model, its graph replayed at every step
+    forward = COMPILED.setdefault(id(lm), torch.compile(lm.forward, mode="reduce-overhead")) if on_gpu else lm
+    stop, alive = torch.tensor(stop_ids, device=device), torch.ones(n, dtype=torch.bool, device=device)
+    certainty_sum, entropy_sum, length = (torch.zeros(n, device=device) for _ in range(3))
+    tokens = torch.full((n, max_new_tokens), pad_id, device=device)
+    for t in range(max_new_tokens):
+        live = alive.float()
+        certainty_sum += self_certainty(logits) * live
+        entropy_sum += entropy(logits) * live
+        next_token = torch.where(alive, choose_tokens(logits, temperature, top_k, top_p), pad_id)
+        tokens[:, t], length = next_token, length + live
+        alive &= ~torch.isin(next_token, stop)
+        if t == max_new_tokens - 1 or (t % 16 == 15 and not alive.any()):  # the host waits every 16 steps only
+            break
+        mask[:, width + t] = 1
+        pos, where = pos + 1, where + 1
+        step = dict(input_ids=next_token[:, None], attention_mask=mask, position_ids=pos, cache_position=where)
+        logits = forward(**step, past_key_values=cache).logits[:, -1].float()
+    return to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, alive)
 
 
 def parse_args(argv=None):

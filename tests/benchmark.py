@@ -5,6 +5,8 @@ asserts anything about speed.
     python tests/benchmark.py memory                 # 1. peak memory of SC + log-probs, streamed vs full logits
     python tests/benchmark.py step [--gguf FILE]     # 2. seconds per training step vs TRL's GRPOTrainer (needs trl)
     python tests/benchmark.py sampling [--gguf FILE] # 3. sampling tokens/s vs model.generate
+    python tests/benchmark.py grading --data FILE    # 4. sandboxed grading of HumanEval's reference solutions
+    python tests/benchmark.py plan                   # 5. the memory plan at the paper's shape (computed, not run)
 """
 
 import argparse
@@ -56,12 +58,11 @@ def run_variant(variant, h, w, targets, backward):
 
 
 def memory_child(variant, tokens, hidden, vocab, backward, device):
-    """Runs in its own process: prints the peak memory added by `variant` beyond its inputs (and W's gradient)."""
+    """Runs in its own process: prints the peak memory added by `variant` beyond its inputs and W.grad."""
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device=device).mul_(0.5).requires_grad_(backward)  # in place: no setup peak
     w = torch.randn(vocab, hidden, device=device).mul_(0.05).requires_grad_(backward)
     targets = torch.randint(0, vocab, (tokens,), device=device)
-    grad_w_mb = vocab * hidden * 4 / 2**20 if backward else 0.0
     cuda = device == "cuda"
     run_variant(
         variant,
@@ -70,6 +71,8 @@ def memory_child(variant, tokens, hidden, vocab, backward, device):
         targets[:16] % 1000,
         backward,
     )  # warm up the math libraries' own buffers outside the measurement
+    if backward:  # a micro-batch after the first: W.grad already holds the earlier ones' sum (pages touched)
+        w.grad = torch.full_like(w, 1e-3)
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
@@ -84,7 +87,7 @@ def memory_child(variant, tokens, hidden, vocab, backward, device):
     seconds = time.time() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else peak_rss_mb()
     out = {
-        "extra_mb": peak - base - grad_w_mb,
+        "extra_mb": peak - base,
         "seconds": seconds,
         "sc": sc.detach().double().cpu().tolist(),
         "logp": logp.detach().double().cpu().tolist(),
@@ -141,7 +144,7 @@ def memory(args):
             f"| {name} | {f} | {ours['extra_mb']:.0f} | {ratio} | {full['seconds'] if full else float('nan'):.1f} | "
             f"{ours['seconds']:.1f} | {', '.join(f'{k} {v:.1e}' for k, v in agree.items())} |"
         )
-    print("(fwd+bwd excludes the lm_head weight gradient itself, which both need)")
+    print("(fwd+bwd: a micro-batch after the first, so W.grad exists already and is not counted)")
 
 
 # ----------------------------------------------------------------------------- shared model setup
@@ -351,9 +354,18 @@ def sampling(args):
             )
         return (out.shape[1] - width) * out.shape[0]
 
-    res = {"intuitor.sample (SC + entropy on)": [], "model.generate": []}
+    def ours_static():  # --sampler static: a CUDA graph per decode step on GPU, eager here on CPU
+        out = I.sample_static(lm, prompts, args.G, args.length, 0.9, [], tok.pad_token_id)
+        return sum(len(r.completion) for r in out)
+
+    samplers = {
+        "intuitor.sample (SC + entropy on)": ours,
+        "intuitor.sample_static": ours_static,
+        "model.generate": generate,
+    }
+    res = {name: [] for name in samplers}
     for _ in range(args.rounds):
-        for name, fn in (("intuitor.sample (SC + entropy on)", ours), ("model.generate", generate)):
+        for name, fn in samplers.items():
             t0 = time.time()
             tokens = fn()
             if args.device == "cuda":
@@ -367,8 +379,61 @@ def sampling(args):
     print("| sampler | median tokens/s |\n|---|---|")
     for name, v in res.items():
         print(f"| {name} | {statistics.median(v):.0f} |")
-    a, b = (statistics.median(v) for v in res.values())
-    print(f"ratio intuitor / generate = {a / b:.2f}")
+    a, b, c = (statistics.median(v) for v in res.values())
+    print(f"ratios: intuitor.sample / generate = {a / c:.2f}, sample_static / generate = {b / c:.2f}")
+
+
+# ----------------------------------------------------------------------------- 4. sandboxed grading
+def grading(args):
+    """Grade every reference solution of a HumanEval file (hub columns) in the sandbox, one program at a time
+    and one per core; each must pass."""
+    import benchmarks
+
+    rows = [json.loads(line) for line in open(args.data)]
+    if "canonical_solution" not in rows[0]:
+        sys.exit("grading: --data must be HumanEval (openai/openai_humaneval columns), see README, Data")
+    texts = [[f"```python\n{row['canonical_solution']}\n```"] for row in rows]
+    res = {1: [], os.cpu_count(): []}
+    for _ in range(args.rounds):
+        for workers in res:
+            t0 = time.time()
+            graded = benchmarks.grade_batch("humaneval", rows, texts, timeout=10, workers=workers)
+            res[workers].append(time.time() - t0)
+            passed = sum(correct for [(_, correct)] in graded)
+    print(f"\n4. sandboxed grading of {len(rows)} HumanEval reference solutions ({passed} pass), CPU {os.cpu_count()} "
+          f"cores, {args.rounds} rounds alternating")  # fmt: skip
+    print("| programs at once | median s | programs/s |\n|---|---|---|")
+    for workers, times in res.items():
+        print(f"| {workers} | {statistics.median(times):.1f} | {len(rows) / statistics.median(times):.1f} |")
+    one, many = (statistics.median(v) for v in res.values())
+    print(f"ratio one per core / one at a time = {many / one:.2f}")
+
+
+# ----------------------------------------------------------------------------- 5. memory plan
+def plan(args):
+    """common.memory_plan at the paper's per-rank shape (8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens,
+    beta 0.005) for Qwen2.5-1.5B and -3B, from their published shapes; nothing is loaded or run."""
+    from types import SimpleNamespace
+
+    shapes = {  # parameters (tied embeddings), hidden, layers, MLP, query heads, KV heads
+        "Qwen2.5-1.5B": (1_543_714_304, 1536, 28, 8960, 12, 2),
+        "Qwen2.5-3B": (3_085_938_688, 2048, 36, 11008, 16, 2),
+    }
+    print("\n5. memory plan per rank (GiB), 8 ranks x 16 prompts x 7, 512 + 3072 tokens, bf16 autocast")
+    print("| model | micro-batch | checkpointing | weights + AdamW + reference | KV cache | grads + activations "
+          "| peak | A100-40GB | 80 GB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (n, hidden, layers, inter, heads, kv) in shapes.items():
+        config = SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                                 num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
+        for mbs, ckpt in ((4, False), (4, True), (1, True)):
+            flags = I.Args(micro_batch_size=mbs, gradient_checkpointing=ckpt)
+            p = common.memory_plan(config, n, flags, world_size=8, bf16=True)
+            fixed = p["weights (fp32)"] + p["AdamW moments"] + p["reference"]
+            update = p["gradients (update)"] + p["activations (update)"]
+            fits = ["yes" if p["peak"] <= cap else "no" for cap in (39.4, 79.2)]  # GiB, as torch reports them
+            print(f"| {name} | {mbs} | {'yes' if ckpt else 'no'} | {fixed:.1f} | {p['KV cache (sampling)']:.1f} "
+                  f"| {update:.1f} | {p['peak']:.1f} | {fits[0]} | {fits[1]} |")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -378,7 +443,7 @@ if __name__ == "__main__":
         )
         sys.exit()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["memory", "step", "sampling"])
+    ap.add_argument("part", choices=["memory", "step", "sampling", "grading", "plan"])
     ap.add_argument("--tokens", type=int, default=3584, help="memory: tokens of one sequence (512 + 3072)")
     ap.add_argument("--hidden", type=int, default=1536, help="memory: hidden size (Qwen2.5-1.5B)")
     ap.add_argument("--vocab", type=int, default=151936, help="memory: vocabulary (Qwen2.5)")
@@ -386,7 +451,9 @@ if __name__ == "__main__":
     ap.add_argument(
         "--gguf", default="", help="step/sampling: a GGUF model file (SmolLM2-135M-Instruct) instead of the tiny model"
     )
-    ap.add_argument("--data", default=os.path.join(ROOT, "tests", "data", "math_tiny.jsonl"))
+    ap.add_argument(
+        "--data", default=os.path.join(ROOT, "tests", "data", "math_tiny.jsonl"), help="prompts; grading: HumanEval"
+    )
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--G", type=int, default=4)
     ap.add_argument("--length", type=int, default=64)
@@ -396,4 +463,4 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--trl_child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    {"memory": memory, "step": step, "sampling": sampling}[a.part](a)
+    {"memory": memory, "step": step, "sampling": sampling, "grading": grading, "plan": plan}[a.part](a)

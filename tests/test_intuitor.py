@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import DATA, ROOT, make_model
 
+import common
 import intuitor as I
 
 
@@ -74,6 +75,40 @@ def test_streamed_logprobs_gradient_matches_log_softmax(chunk, vocab_chunk):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_streamed_weight_gradient_accumulates_in_place_with_tied_embeddings():
+    """Two micro-batches through a weight tied to the input embedding: the streamed backward adds its tiles
+    straight into the parameter's .grad, the embedding's gradient joins through autograd, and the sum matches
+    float64 autograd. Untied, autograd only ever sees a stride-0 zero: no second full-size gradient."""
+    torch.manual_seed(3)
+    V, H = 97, 8
+    w = torch.randn(V, H, requires_grad=True)
+    mix = torch.randn(H, H)
+    batches = [(torch.randint(0, V, (n,)), torch.randint(0, V, (n,)), torch.randn(n)) for n in (13, 21)]
+
+    def loss(weight, inputs, targets, upstream, streamed):
+        h = torch.tanh(torch.nn.functional.embedding(inputs, weight) @ mix.to(weight.dtype))  # tied: W in, W out
+        logp = (
+            I.StreamedLogProbs.apply(h, weight, targets, 0.8, 5, 16)
+            if streamed
+            else naive_logp(h, weight, targets, 0.8)
+        )
+        return (logp * upstream.to(weight.dtype)).sum()
+
+    for batch in batches:
+        loss(w, *batch, streamed=True).backward()
+    w64 = w.detach().double().requires_grad_()
+    for batch in batches:
+        loss(w64, *batch, streamed=False).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+    head = torch.randn(V, H, requires_grad=True)
+    incoming = []
+    head.register_hook(lambda grad: incoming.append(grad.stride()))
+    for _, targets, upstream in batches:
+        (I.StreamedLogProbs.apply(torch.randn(len(targets), H), head, targets, 0.8, 5, 16) * upstream).sum().backward()
+    assert incoming == [(0, 0), (0, 0)] and head.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- sampling: alignment, padding, EOS
 def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokenizer):
     lm = make_model(tokenizer, seed=3, head_scale=4.0)
@@ -91,7 +126,7 @@ def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokeniz
     # independent reference: each sequence alone, no padding, no cache, full logits in float64
     scorer = I.CompletionLogProbs(lm, 0.8, chunk_size=5, vocab_chunk=64)
     with torch.no_grad():
-        batched = scorer(*I.collate(rollouts, tokenizer.pad_token_id, "cpu"))
+        batched = scorer(*common.collate(rollouts, tokenizer.pad_token_id, "cpu"))
         for k, r in enumerate(rollouts):
             ids = torch.tensor([r.prompt + r.completion])
             logits = lm(input_ids=ids).logits[0, len(r.prompt) - 1 : -1].double()  # position i-1 predicts i

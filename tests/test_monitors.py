@@ -37,7 +37,7 @@ def naive_filter(logits, temperature, top_k, top_p):
 def test_sampling_logits_match_naive_filter(top_k, top_p):
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
-    z = I.sampling_logits(logits, 0.8, top_k, top_p)
+    z = common.sampling_logits(logits, 0.8, top_k, top_p)
     assert torch.equal(torch.isfinite(z), naive_filter(logits, 0.8, top_k, top_p))
     torch.testing.assert_close(z[torch.isfinite(z)], (logits / 0.8)[torch.isfinite(z)])
 

@@ -237,3 +237,44 @@ def test_self_certainty_keeps_float64():
     assert sc.dtype == torch.float64
     reference = torch.logsumexp(logits, -1) - logits.mean(-1) - math.log(1000)
     assert torch.equal(sc, reference)
+
+
+# ---------------------------------------------------------------- the memory plan
+def test_memory_plan_by_hand_for_the_papers_shape():
+    """Qwen2.5-1.5B's shape (1.54B parameters, hidden 1536, 28 layers, MLP 8960, 12 query and 2 KV heads of 128)
+    at the paper's per-rank shape on 8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens, micro-batch 4."""
+    from types import SimpleNamespace
+
+    import common
+
+    config = SimpleNamespace(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
+                             num_key_value_heads=2)  # fmt: skip
+    args = I.Args()
+    P, GiB = 1_543_714_304, 2**30
+    plan = common.memory_plan(config, P, args, world_size=8, bf16=True)
+    assert plan["weights (fp32)"] == pytest.approx(4 * P / GiB) and plan["AdamW moments"] == pytest.approx(8 * P / GiB)
+    assert plan["reference"] == pytest.approx(2 * P / GiB)  # bf16 copy
+    # K and V, 28 layers x 2 heads x 128 x 2 bytes, for 112 sequences x 3584 tokens
+    assert plan["KV cache (sampling)"] == pytest.approx(28 * 2 * 2 * 128 * 2 * 112 * 3584 / GiB)
+    # per token and layer: two fp32 norm inputs (8 x 1536) + bf16 (4 x 1536 + 2 x 256 + 4 x 8960) = 97280 bytes
+    assert plan["activations (update)"] == pytest.approx(28 * 97280 * 4 * 3584 / GiB)
+    assert plan["peak"] == pytest.approx(
+        14 * P / GiB + max(plan["KV cache (sampling)"], 4 * P / GiB + plan["activations (update)"])
+    )
+    checkpointed = common.memory_plan(config, P, I.Args(gradient_checkpointing=True), world_size=8)
+    assert checkpointed["activations (update)"] == pytest.approx((28 * 4 * 1536 + 97280) * 4 * 3584 / GiB)
+    assert common.memory_plan(config, P, I.Args(beta=0.0), world_size=8)["reference"] == 0
+
+
+def test_a_plan_that_cannot_fit_is_one_error_line_naming_the_flags(capsys):
+    import common
+
+    plan = {"weights (fp32)": 1.0, "peak": 1e9}
+    with pytest.raises(SystemExit) as stop:
+        common.check_memory(plan, common.Runtime())
+    message = str(stop.value)
+    assert message.startswith("error:") and "\n" not in message
+    for flag in ("--generation_batch_size", "--micro_batch_size", "--gradient_checkpointing"):
+        assert flag in message
+    assert "memory plan per rank" in capsys.readouterr().out
+    common.check_memory({"weights (fp32)": 1.0, "peak": 0.001}, common.Runtime())  # fits: no error
