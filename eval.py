@@ -164,7 +164,10 @@ def problem_record(index, problem, samples, args):
         record.update(samples[0])
         return record
     answers = [s["extracted"] for s in samples]
-    labels = {"math": answer_clusters, "code": lambda _: None}.get(spec.grade, lambda a: a)(answers)
+    if spec.grade == "code":  # programs cannot be compared: self-certainty alone chooses
+        labels = None
+    else:  # equal labels vote together: equivalent math answers, the same letter or value
+        labels = answer_clusters(answers) if spec.grade == "math" else answers
     chosen = select(labels, [s["self_certainty"] for s in samples], args.borda_p)
     record.update(
         samples=samples,
