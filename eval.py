@@ -229,6 +229,8 @@ def parse_args(argv):
         die("--n, --batch_size and --max_new_tokens must be >= 1, --limit >= 0 (0 = all)")
     if not 0 <= args.temperature < math.inf or (args.n > 1 and args.temperature == 0):
         die("--temperature must be >= 0, and > 0 with --n > 1 (else all samples are the same greedy answer)")
+    if not 0 < args.timeout < math.inf or args.grading_workers < 0:
+        die("--timeout must be a positive number of seconds, --grading_workers >= 0 (0 = one per CPU core)")
     if args.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda: no CUDA device here; pass --device cpu")
     return args

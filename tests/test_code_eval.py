@@ -250,3 +250,11 @@ def test_eval_rejects_a_file_without_the_benchmark_columns(tiny_dir):
     )  # fmt: skip
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("error:") and "prompt" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [["--timeout", "0"], ["--timeout", "inf"], ["--grading_workers", "-1"]])
+def test_eval_rejects_bad_grading_flags(flags):
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", "m", "--benchmark", "mbpp", *flags]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
