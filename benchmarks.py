@@ -284,7 +284,7 @@ def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
         for problem, sample_answers in zip(problems, answers)
     ]
     flat = [job for per_problem in jobs for per_sample in per_problem for job, _ in per_sample]
-    results = iter(sandbox.run_many(flat, workers=workers or None, timeout=timeout))
+    results = iter(sandbox.run_many(flat, workers=workers, timeout=timeout))
     graded = []
     for sample_answers, per_problem in zip(answers, jobs):
         graded.append([])

@@ -195,7 +195,7 @@ def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, 
 
 
 def choose_tokens(logits, temperature, top_k=0, top_p=1.0):
-    """Each row's next token: drawn from sampling_logits, or the most likely one at temperature 0."""
+    """Each row's next token: drawn from common.sampling_logits, or the most likely one at temperature 0."""
     if temperature == 0:
         return logits.argmax(-1)
     return torch.multinomial(torch.softmax(common.sampling_logits(logits, temperature, top_k, top_p), -1), 1).squeeze(1)
@@ -235,12 +235,12 @@ def neg_entropy(rollouts, num_generations):
 
 
 def accuracy(rollouts, num_generations):
-    """GRPO: 1 when the boxed answer matches the gold one."""
+    """GRPO: 1 when the final answer matches the gold one."""
     return [float(r.correct) for r in rollouts]
 
 
 def plurality(rollouts, num_generations):
-    """GRPO-PV: 1 when the boxed answer matches the plurality answer of its group (no gold needed)."""
+    """GRPO-PV: 1 when the final answer matches the plurality answer of its group (no gold needed)."""
     groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
     return [vote for group in groups for vote in common.plurality_votes([r.answer for r in group])]
 
@@ -646,7 +646,6 @@ class CompletionLogProbs(torch.nn.Module):
 # cache is preallocated and no tensor changes shape (finished sequences go on decoding, masked out), so on CUDA
 # the decode step runs as a CUDA graph (torch.compile "reduce-overhead"). On CPU it runs eagerly; the tests hold
 # it to sample(), token for token, on left-padded prompts whose completions stop at different steps.
-COMPILED = {}  # id(model) -> its compiled forward
 
 
 @torch.no_grad()
@@ -668,17 +667,17 @@ def sample_static(lm, prompts, num_generations, max_new_tokens, temperature, sto
     logits, pos, where = out.logits[:, -1].float(), pos[:, -1:], where[-1:]
     if not torch.isfinite(logits).all():
         die("the model's logits hold NaN/inf: its weights are broken (a diverged run?); lower --learning_rate")
-    on_gpu = device.type == "cuda"  # compiled once per model, its graph replayed at every step
-    forward = COMPILED.setdefault(id(lm), torch.compile(lm.forward, mode="reduce-overhead")) if on_gpu else lm
+    if device.type == "cuda" and not hasattr(lm, "compiled_forward"):  # compiled once per model, then replayed
+        lm.compiled_forward = torch.compile(lm.forward, mode="reduce-overhead")
+    forward = lm.compiled_forward if device.type == "cuda" else lm
     stop, alive = torch.tensor(stop_ids, device=device), torch.ones(n, dtype=torch.bool, device=device)
     certainty_sum, entropy_sum, length = (torch.zeros(n, device=device) for _ in range(3))
     tokens = torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        live = alive.float()
-        certainty_sum += self_certainty(logits) * live
-        entropy_sum += entropy(logits) * live
+        certainty_sum += torch.where(alive, self_certainty(logits), 0.0)  # finished rows add nothing
+        entropy_sum += torch.where(alive, entropy(logits), 0.0)
         next_token = torch.where(alive, choose_tokens(logits, temperature, top_k, top_p), pad_id)
-        tokens[:, t], length = next_token, length + live
+        tokens[:, t], length = next_token, length + alive
         alive &= ~torch.isin(next_token, stop)
         if t == max_new_tokens - 1 or (t % 16 == 15 and not alive.any()):  # the host waits every 16 steps only
             break
