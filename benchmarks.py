@@ -119,11 +119,7 @@ def load_problems(name, data="", limit=0):
             f"{source} has no column {', '.join(missing)} (columns: {', '.join(rows.column_names)}); "
             f"--benchmark {name} needs the hub dataset's columns: {', '.join(spec.columns)}"
         )
-    bad = [
-        i for i, row in enumerate(rows) if not isinstance(row[spec.columns[0]], str) or not row[spec.columns[0]].strip()
-    ]
-    if bad:
-        die(f"{source}: {len(bad)} rows have no text in {spec.columns[0]!r} (first: row {bad[0]}); fix the file")
+    common.check_texts(rows, spec.columns[0], source)
     golds = [None] * len(rows)  # programs are graded by their tests
     if spec.grade == "math":
         golds = common.gold_answers(rows)

@@ -182,20 +182,27 @@ def check_hub(name, flag):
         )
 
 
+def check_texts(rows, column, source):
+    """The column's values, each a non-empty string; anything else (null, a number) means the wrong column or
+    a broken file: rejected, not guessed at."""
+    texts = rows[column]
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if bad:
+        die(
+            f"{source}: {len(bad)} of {len(texts)} rows have no question text in {column!r} "
+            f"(first: row {bad[0]}, {texts[bad[0]]!r}); fix the file or pick another column"
+        )
+    return texts
+
+
 def load_questions(path, split, prompt_column, answer_column="", need_gold=False, flag="--dataset",
                    fix="pass --prompt_column"):  # fmt: skip
-    """(rows, questions, gold answers) of a dataset. A question that is not a non-empty string (null, a number)
-    means the wrong column or a broken file: rejected, not guessed at. need_gold: gold answers must exist."""
+    """(rows, questions, gold answers) of a dataset; questions pass check_texts. need_gold: gold answers must
+    exist."""
     rows = load_rows(path, split, flag)
     if prompt_column not in rows.column_names:
         die(f"{flag} {path!r} has no column {prompt_column!r} (columns: {', '.join(rows.column_names)}); {fix}")
-    questions = rows[prompt_column]
-    bad = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
-    if bad:
-        die(
-            f"{flag} {path!r}: {len(bad)} of {len(questions)} rows have no question text in {prompt_column!r} "
-            f"(first: row {bad[0]}, {questions[bad[0]]!r}); fix the file or pick another column"
-        )
+    questions = check_texts(rows, prompt_column, f"{flag} {path!r}")
     golds = gold_answers(rows, answer_column)
     if need_gold and all(gold is None for gold in golds):
         die(f"{flag} {path!r} has no gold answers (an `answer` or `solution` column); pass --answer_column")
