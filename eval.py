@@ -10,16 +10,15 @@ selection by self-certainty (arXiv 2502.18581).
     torchrun --nproc_per_node=8 eval.py --model PATH --benchmark math500           # sharded, gathered on rank 0
     python eval.py compare BASE.jsonl RUN.jsonl ...                                 # paired table of evaluations
 
-Prompting (chat template) and decoding come from intuitor.py, so an answer's self-certainty is the exact
-quantity the policy was trained on, free from the sampling loop; math answers are graded by common.py, as the
-training rewards are; programs run in sandbox.py. Greedy by default, as in the paper.
+Prompting (chat template), stop tokens and decoding come from intuitor.py, so an answer's self-certainty is the
+exact quantity the policy was trained on; math answers are graded by harness/tasks.py, as the training rewards
+are; programs run in harness/sandbox.py. Greedy by default, as in the paper.
 """
 
 import json
 import math
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,10 +26,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
 import intuitor
-from benchmarks import BENCHMARKS, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
-from common import answer_clusters, die, last_boxed, mann_whitney
+from harness import process
+from harness.benchmarks import BENCHMARKS, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
+from harness.process import die
+from harness.tasks import answer_clusters, last_boxed, plurality_winner
+from harness.watch import mann_whitney, progress_bars
 
 
 @dataclass
@@ -110,25 +111,23 @@ def compare(paths):
 def select(labels, certainties, p=0.5):
     """Indices chosen among N samples by: highest self-certainty; majority vote over answers (equal labels
     are the same answer); self-certainty-weighted Borda voting (sample of SC rank r scores (N - r + 1)^p for
-    its answer). Ties go to the answer whose best sample has the higher self-certainty; no answer (label None)
-    never wins a vote. labels None (programs, which cannot be compared): self-certainty only."""
+    its answer). Votes follow tasks.plurality_winner (ties: the answer sampled first); the chosen index is the
+    winning answer's most certain sample; no answer (label None) never wins a vote, and with nothing to vote on
+    the most certain sample is chosen. labels None (programs, which cannot be compared): self-certainty only."""
     n = len(certainties)
     order = sorted(range(n), key=lambda i: -certainties[i])
     if labels is None:
         return {"self_certainty": order[0]}
-    votes, borda = Counter(), Counter()
+    borda = [0.0] * n
     for rank, i in enumerate(order, start=1):
-        if labels[i] is not None:
-            votes[labels[i]] += 1
-            borda[labels[i]] += (n - rank + 1) ** p
-    first = {labels[i]: i for i in reversed(order)}  # each answer's most certain sample
+        borda[i] = (n - rank + 1) ** p
+    most_certain = {labels[i]: i for i in reversed(order)}  # each answer's most certain sample
 
-    def winner(scores):
-        if not scores:
-            return order[0]
-        return first[max(scores, key=lambda c: (scores[c], certainties[first[c]]))]
+    def chosen(winner):
+        return order[0] if winner is None else most_certain[winner]
 
-    return {"self_certainty": order[0], "majority": winner(votes), "borda": winner(borda)}
+    majority, by_borda = plurality_winner(labels), plurality_winner(labels, borda)
+    return {"self_certainty": order[0], "majority": chosen(majority), "borda": chosen(by_borda)}
 
 
 # ----------------------------------------------------------------------------- problems and records
@@ -222,7 +221,7 @@ def summarize(records, args, system_prompt):
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv):
-    args = common.parse_flags(EvalArgs, argv)
+    args = process.parse_flags(EvalArgs, argv)
     if not args.model:
         die("--model is required: a hub id, a local model directory or a .gguf file")
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
@@ -231,32 +230,30 @@ def parse_args(argv):
         die("--temperature must be >= 0, and > 0 with --n > 1 (else all samples are the same greedy answer)")
     if not 0 < args.timeout < math.inf or args.grading_workers < 0:
         die("--timeout must be a positive number of seconds, --grading_workers >= 0 (0 = one per CPU core)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda: no CUDA device here; pass --device cpu")
+    process.check_device(args.device)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rt = common.runtime_from_env(args.device)
-    common.init_distributed(rt)
+    rt = process.runtime_from_env(args.device)
+    process.init_distributed(rt)
     problems = load_problems(args.benchmark, args.data, args.limit)
-    lm, tokenizer = common.load_model(args.model, rt.device)
-    lm.eval()
-    stop_ids, pad_id = common.stop_token_ids(tokenizer, lm), tokenizer.pad_token_id
+    policy, tokenizer = process.load_model(args.model, rt.device)
+    policy.eval()
+    stop_ids, pad_id = intuitor.stop_token_ids(tokenizer, policy), tokenizer.pad_token_id
     system_prompt = args.system_prompt or (
         intuitor.SYSTEM_PROMPT if BENCHMARKS[args.benchmark].grade == "math" else NEUTRAL_SYSTEM_PROMPT
     )
     mine = list(range(rt.rank, len(problems), rt.world_size))
     records = []
     torch.manual_seed(args.seed + rt.rank)
-    progress = tqdm(total=len(mine), unit="problem", disable=not common.progress_bars(rt.rank), desc=args.benchmark)
+    progress = tqdm(total=len(mine), unit="problem", disable=not progress_bars(rt.rank), desc=args.benchmark)
     for i in range(0, len(mine), args.batch_size):
         indices = mine[i : i + args.batch_size]
-        rendered = [common.render_prompt(tokenizer, problems[j]["question"], system_prompt) for j in indices]
-        prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in rendered]
+        prompts = [intuitor.tokenize_prompt(tokenizer, problems[j]["question"], system_prompt) for j in indices]
         with rt.autocast():
-            outputs = intuitor.sample(lm, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, pad_id)
+            outputs = intuitor.sample(policy, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, pad_id)
         texts = [tokenizer.decode(rollout.completion, skip_special_tokens=True) for rollout in outputs]
         per_problem = [texts[k * args.n : (k + 1) * args.n] for k in range(len(indices))]
         problems_here = [problems[j] for j in indices]
@@ -265,10 +262,8 @@ def main(argv=None):
             samples = sample_records(outputs[k * args.n : (k + 1) * args.n], per_problem[k], graded[k])
             records.append(problem_record(j, problems[j], samples, args))
         progress.update(len(indices))
+    records = process.gather(records)
     if rt.world_size > 1:
-        gathered = [None] * rt.world_size
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
         dist.destroy_process_group()
     if rt.rank != 0:
         return

@@ -13,16 +13,22 @@ The algorithm, one optimizer step (paper Sec. 3, Eq. 3-5):
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
   4. minimise the clipped surrogate + beta * KL(pi || pi_ref) with the k3 estimator.
 
-The file reads in that order, then the loop; appendices hold a vocabulary-streamed lm_head (no tokens x |V|
-tensor, forward or backward) and a fixed-shape sampler for GPUs. common.py: what training and eval.py share.
-Before you fork: token i is scored at position i-1 (the official `logits[:, -C:]` is off by one); on GPU the
-policy keeps fp32 master weights under bf16 autocast; every step re-seeds from (seed, step, rank), so a resumed
-run samples what an uninterrupted one would; a prompt's G completions share a rank; the loss normaliser is global.
+The file reads in that order, then the loop, then two appendices: a vocabulary-streamed lm_head (no
+tokens x |V| tensor, forward or backward) and a fixed-shape sampler for GPUs. Everything that is computed is
+here; harness/ holds how a run is kept (run directory, checkpoints), checked (flags, memory plan), watched
+(metrics, alarm, plots) and evaluated (tasks, benchmarks, sandbox).
+
+Before you fork:
+  - token i is scored at position i-1 (the official `logits[:, -C:]` is off by one);
+  - on GPU the policy keeps fp32 master weights under bf16 autocast;
+  - every step re-seeds from (seed, step, rank), so a resumed run samples what an uninterrupted one would;
+  - a prompt's G completions share a rank, and the loss normaliser counts the tokens of all ranks.
 """
 
 import copy
+import inspect
 import math
-import os
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -33,8 +39,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
-from common import die
+from harness import process, runs, tasks, watch
+from harness.process import die
 
 SYSTEM_PROMPT = (
     "You are a helpful AI Assistant, designed to provided well-reasoned and detailed responses. You FIRST "
@@ -74,6 +80,9 @@ class Args:
     sampling_weights: Literal["autocast", "bf16"] = arg("autocast", "GPU: autocast over fp32 weights, or a bf16 copy")
     # reward (step 2)
     reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
+    reward_mixing: Literal["separate", "official"] = arg(
+        "separate", "several rewards: each normalised then weighted, or the official trainer's rule (mixed_advantages)"
+    )
     certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
     # loss and optimizer (steps 3-4)
     beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model")
@@ -106,6 +115,56 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- 1. sampling
+class Prompt(NamedTuple):
+    ids: list  # prompt token ids, chat template applied
+    gold: str | None  # gold answer: read by the GRPO reward and the accuracy monitor, never by INTUITOR
+
+
+def render_prompt(tokenizer, question, system_prompt):
+    """The prompt text the model sees: its chat template with the paper's system prompt.
+
+    A tokenizer without a chat template falls back to plain "System: ...\\n\\nUser: ...\\n\\nAssistant:" text."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+def tokenize_prompt(tokenizer, question, system_prompt):
+    return tokenizer(render_prompt(tokenizer, question, system_prompt), add_special_tokens=False).input_ids
+
+
+def make_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length):
+    """Tokenised prompts with their gold answers; those over max_prompt_length are skipped and counted."""
+    prompts, skipped = [], 0
+    for question, gold in zip(questions, golds):
+        ids = tokenize_prompt(tokenizer, question, system_prompt)
+        if len(ids) > max_prompt_length:
+            skipped += 1
+        else:
+            prompts.append(Prompt(ids, gold))
+    return prompts, skipped
+
+
+def stop_token_ids(tokenizer, policy):
+    """The tokens that end a completion: EOS of the tokenizer and generation config, and the chat template's
+    end-of-turn token.
+
+    A base model (Qwen2.5-1.5B) prompted with a chat template ends its turn with <|im_end|>, which is not its
+    EOS; without it, every completion would run to max_completion_length."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(policy.generation_config, "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+    if tokenizer.chat_template:
+        turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "PROBE"}]
+        tail = tokenizer.apply_chat_template(turn, tokenize=False).split("PROBE")[-1]
+        after = tokenizer(tail, add_special_tokens=False).input_ids
+        if after and tokenizer.convert_ids_to_tokens(after[0]) in tokenizer.added_tokens_encoder:
+            ids.add(after[0])
+    return sorted(i for i in ids if i is not None)
+
+
 @dataclass
 class Rollout:
     """One sampled completion and what the step learns about it; each field is filled by the stage named."""
@@ -122,13 +181,14 @@ class Rollout:
     # reference_pass(): only when beta > 0 or certainty_model == "reference"
     ref_logp: torch.Tensor | None = None  # per-token log-probs under the frozen initial model, for the KL
     self_certainty_ref: float | None = None  # Eq. 4 under the frozen initial model: the offline reward
-    # train loop: group-normalised reward (Eq. 3)
+    # the loop: group-normalised reward (Eq. 3)
     advantage: float = 0.0
 
 
 def certainty_from(lse, mean_logit, vocab_size):
     """Self-certainty (paper Eq. 4) from two statistics of the logits z:
-    KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|. Zero for a uniform distribution, positive otherwise.
+    KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|; zero for a uniform distribution, positive otherwise.
+
     The only definition: the sampler feeds it full logits, the streamed lm_head its running logsumexp."""
     return lse - mean_logit - math.log(vocab_size)
 
@@ -145,78 +205,128 @@ def entropy(logits):
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
-@torch.no_grad()
-def sample(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
-    """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
+def sampling_logits(logits, temperature, top_k=0, top_p=1.0):
+    """What the next token is drawn from: logits / temperature, then top-k, then nucleus (top-p) filtering.
 
-    Each prompt is prefilled once (left-padded, positions counted from its first real token) and its cache
-    shared by its G samples. The logits that pick token i are the ones that predict it, so SC(o|q) (Eq. 4)
-    costs no extra pass. temperature 0 = greedy. One Rollout per sequence, a prompt's G samples adjacent."""
-    device = next(lm.parameters()).device
-    width = max(map(len, prompts))
+    Rewards and entropy are read from the raw temperature-1 logits, as the official code does."""
+    z = logits / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1])).values[:, -1:], -math.inf)
+    if top_p < 1:
+        z_sorted, order = z.sort(-1, descending=True)
+        p = torch.softmax(z_sorted, -1)
+        outside = p.cumsum(-1) - p > top_p  # tokens after the nucleus has reached top_p
+        z = z.scatter(-1, order, z_sorted.masked_fill(outside, -math.inf))
+    return z
+
+
+def choose_tokens(logits, temperature, top_k=0, top_p=1.0):
+    """Each row's next token: drawn from sampling_logits, or the most likely one at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(sampling_logits(logits, temperature, top_k, top_p), -1), 1).squeeze(1)
+
+
+def positions(attention_mask):
+    """Position ids counted from each row's first real token: left padding never shifts a prompt's positions."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(prompts, pad_id, width, device, free_columns=0):
+    """Prompts right-aligned in `width` columns: token ids, the attention mask (with `free_columns` zeros after
+    the prompt, for tokens still to come) and the prompt's position ids."""
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(num_generations)
-    logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+    mask = [[0] * (width - len(p)) + [1] * len(p) + [0] * free_columns for p in prompts]
+    mask = torch.tensor(mask, device=device)
+    return ids, mask, positions(mask[:, :width])
+
+
+def cache_argument(policy):
+    """The name under which the installed transformers takes the KV cache: `cache` from 5.24 on,
+    `past_key_values` before (5.24 warns that the old name goes in 5.40). Passed under a name the model does not
+    know, the cache would be dropped and every decode step would see one token alone."""
+    return "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
+
+
+class RunningStats:
+    """Per sequence: sums of self-certainty and entropy over its generated tokens, and its length."""
+
+    def __init__(self, n, device):
+        self.certainty, self.entropy, self.length = (torch.zeros(n, device=device) for _ in range(3))
+
+    def add(self, logits, rows, alive=None):
+        """Add the distributions `logits` of the sequences `rows`; a row that is not `alive` adds nothing."""
+        certainty, token_entropy = self_certainty(logits), entropy(logits)
+        if alive is not None:  # the fixed-shape sampler: finished rows stay in the batch
+            certainty, token_entropy = torch.where(alive, certainty, 0.0), torch.where(alive, token_entropy, 0.0)
+        self.certainty[rows] += certainty
+        self.entropy[rows] += token_entropy
+        self.length[rows] += 1 if alive is None else alive
+
+    def rollouts(self, prompts, num_generations, tokens, truncated):
+        """One Rollout per sequence, with its per-token means of self-certainty and entropy."""
+        out = []
+        for k, n_tokens in enumerate(self.length.long().tolist()):
+            sc, ent = self.certainty[k].item() / n_tokens, self.entropy[k].item() / n_tokens
+            completion = tokens[k, :n_tokens].tolist()
+            out.append(Rollout(prompts[k // num_generations], completion, sc, ent, bool(truncated[k])))
+        return out
+
+
+def check_finite(logits):
     if not torch.isfinite(logits).all():
         die("the model's logits hold NaN/inf: its weights are broken (a diverged run?); lower --learning_rate")
+
+
+@torch.no_grad()
+def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
+    """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
+
+    - Each prompt is prefilled once (left-padded) and its cache shared by its G samples.
+    - The logits that pick token i are the ones that predict it, so SC(o|q) (Eq. 4) costs no extra pass.
+    - Finished sequences leave the batch and the KV cache: no compute is spent on them.
+    - temperature 0 = greedy. One Rollout per sequence, a prompt's G samples adjacent."""
+    device, kv = next(policy.parameters()).device, cache_argument(policy)
+    ids, mask, pos = left_pad(prompts, pad_id, max(map(len, prompts)), device)
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out[kv]
+    cache.batch_repeat_interleave(num_generations)
+    logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
+    check_finite(logits)
     mask = mask.repeat_interleave(num_generations, 0)
     pos = pos[:, -1:].repeat_interleave(num_generations, 0)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     n = logits.shape[0]
     rows = torch.arange(n, device=device)  # which sequence each row of the shrinking batch belongs to
-    certainty_sum, entropy_sum, length = (torch.zeros(n, device=device) for _ in range(3))
-    tokens = torch.full((n, max_new_tokens), pad_id, device=device)
+    stats, tokens = RunningStats(n, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        certainty_sum[rows] += self_certainty(logits)
-        entropy_sum[rows] += entropy(logits)
+        stats.add(logits, rows)
         next_token = choose_tokens(logits, temperature, top_k, top_p)
         tokens[rows, t] = next_token
-        length[rows] += 1
         done = torch.isin(next_token, stop)
         if done.all() or t == max_new_tokens - 1:
             break
-        if done.any():  # finished sequences leave the batch (and the KV cache): no compute is spent on them
+        if done.any():
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, next_token, mask, pos = rows[keep], next_token[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos + 1
-        inputs = dict(input_ids=next_token[:, None], attention_mask=mask, position_ids=pos)
-        logits = lm(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        inputs = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, kv: cache}
+        logits = policy(**inputs, use_cache=True).logits[:, -1].float()
 
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
-    return to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, truncated)
-
-
-def choose_tokens(logits, temperature, top_k=0, top_p=1.0):
-    """Each row's next token: drawn from common.sampling_logits, or the most likely one at temperature 0."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(torch.softmax(common.sampling_logits(logits, temperature, top_k, top_p), -1), 1).squeeze(1)
-
-
-def to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, truncated):
-    """One Rollout per sequence, with its per-token means of self-certainty and entropy."""
-    rollouts = []
-    for k, n_tokens in enumerate(length.long().tolist()):
-        sc, ent = certainty_sum[k].item() / n_tokens, entropy_sum[k].item() / n_tokens
-        completion = tokens[k, :n_tokens].tolist()
-        rollouts.append(Rollout(prompts[k // num_generations], completion, sc, ent, bool(truncated[k])))
-    return rollouts
+    return stats.rollouts(prompts, num_generations, tokens, truncated)
 
 
 # ----------------------------------------------------------------------------- 2. rewards
 def grade(rollouts, golds, tokenizer, num_generations, answer_format="boxed"):
-    """Extract each completion's final answer (common.extract_answer) and compare it with its prompt's gold one."""
+    """Extract each completion's final answer and compare it with its prompt's gold one (harness/tasks.py)."""
     for k, r in enumerate(rollouts):
-        r.answer = common.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), answer_format)
-        r.correct = common.is_correct(r.answer, golds[k // num_generations])
+        r.answer = tasks.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), answer_format)
+        r.correct = tasks.is_correct(r.answer, golds[k // num_generations])
 
 
 def online_self_certainty(rollouts, num_generations):
@@ -242,7 +352,7 @@ def accuracy(rollouts, num_generations):
 def plurality(rollouts, num_generations):
     """GRPO-PV: 1 when the final answer matches the plurality answer of its group (no gold needed)."""
     groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
-    return [vote for group in groups for vote in common.plurality_votes([r.answer for r in group])]
+    return [vote for group in groups for vote in tasks.plurality_votes([r.answer for r in group])]
 
 
 # A reward is a function (rollouts, group size) -> one float per rollout; register it here to make it a flag.
@@ -253,6 +363,22 @@ REWARDS = {
     "neg_entropy": neg_entropy,
 }
 NEEDS_ANSWERS = {"accuracy", "plurality"}
+
+
+def parse_reward(spec):
+    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1; names must be in REWARDS."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        if name not in REWARDS:
+            die(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            die(f"--reward: weight {weight!r} of {name} is not a number")
+        if not math.isfinite(weights[name]):
+            die(f"--reward: weight {weight!r} of {name} must be a finite number")
+    return weights
 
 
 def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
@@ -273,10 +399,23 @@ def group_advantages(rewards, num_generations, eps=1e-4):
     return torch.where(equal, 0.0, advantages).view(-1)  # allowed to push identical completions anywhere
 
 
-def mixed_advantages(rewards, weights, num_generations):
-    """Each reward is normalised within its group separately, then weighted and summed (the official
-    implementation's semantics for several rewards); weight 0 logs a reward without training on it."""
-    return sum(w * group_advantages(rewards[name], num_generations) for name, w in weights.items())
+def mixed_advantages(rewards, weights, num_generations, mixing="separate"):
+    """Advantages of one reward, or of a weighted mix of several.
+
+    - `separate` (default): each reward normalised within its group, then weighted and summed. A weight keeps
+      its meaning (0.5 = half the push), and weight 0 logs a reward without training on it.
+    - `official`: the official INTUITOR trainer's rule. The weighted sum of the rewards other than
+      self-certainty is normalised once, and self-certainty, normalised on its own, is added at its weight
+      (1 in the official code). With one such reward its weight cancels in the normalisation."""
+    if mixing == "separate":
+        return sum(w * group_advantages(rewards[name], num_generations) for name, w in weights.items())
+    others = [w * rewards[name] for name, w in weights.items() if name != "self_certainty"]
+    advantages = group_advantages(sum(others), num_generations) if others else 0.0
+    if "self_certainty" in weights:
+        advantages = advantages + weights["self_certainty"] * group_advantages(
+            rewards["self_certainty"], num_generations
+        )
+    return advantages
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high):
@@ -295,30 +434,69 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_
 
 
 def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences):
-    """This micro-batch's share of the step's loss. `token`: sum over its tokens / all tokens of the
-    step; `grpo`: sum of its per-sequence means / all sequences of the step. The totals are global
-    (all ranks, all micro-batches), so the summed gradient does not depend on how the step is split."""
+    """This micro-batch's share of the step's loss.
+
+    - `token`: sum over its tokens / all tokens of the step;
+    - `grpo`: sum of its per-sequence means / all sequences of the step.
+    The totals are global (all ranks, all micro-batches), so the summed gradient does not depend on how the
+    step is split."""
     loss = loss * completion_mask
     if loss_type == "token":
         return loss.sum() / total_tokens
     return (loss.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / total_sequences
 
 
+def global_sum(x):
+    """x summed over all ranks (the loss normalisers count every rank's tokens); x itself in one process."""
+    return process.all_reduce(x)
+
+
 # ----------------------------------------------------------------------------- 4. the update
+class Batch(NamedTuple):
+    """Rollouts as tensors: left-padded prompts followed by right-padded completions, so the
+    prompt/completion boundary is one column, n_prompt, for the whole batch."""
+
+    ids: torch.Tensor  # (B, n_prompt + C) token ids
+    attention_mask: torch.Tensor  # (B, n_prompt + C) 1 on real tokens
+    n_prompt: int  # width of the prompt block
+    completion_mask: torch.Tensor  # (B, C) bool, True on completion tokens
+
+
+def collate(rollouts, pad_id, device):
+    width = max(len(r.prompt) for r in rollouts)
+    length = max(len(r.completion) for r in rollouts)
+    ids, attention, completion = [], [], []
+    for r in rollouts:
+        left, right = width - len(r.prompt), length - len(r.completion)
+        ids.append([pad_id] * left + r.prompt + r.completion + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(r.prompt) + len(r.completion)) + [0] * right)
+        completion.append([1] * len(r.completion) + [0] * right)
+    ids, attention, completion = (torch.tensor(x, device=device) for x in (ids, attention, completion))
+    return Batch(ids, attention, width, completion.bool())
+
+
+def micro_batches(rollouts, size, pad_id, device):
+    """(rollouts, Batch) pairs of at most `size` sequences."""
+    chunks = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+    return [(chunk, collate(chunk, pad_id, device)) for chunk in chunks]
+
+
 @torch.no_grad()
-def reference_pass(ref, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
+def reference_pass(ref_scorer, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
     """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
     from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
-    for part, batch in common.micro_batches(rollouts, micro_batch_size, pad_id, next(ref.parameters()).device):
+    device = next(ref_scorer.parameters()).device
+    for chunk, batch in micro_batches(rollouts, micro_batch_size, pad_id, device):
         with autocast():
-            stats = ref(*batch)
-        for k, r in enumerate(part):
+            stats = ref_scorer(*batch)
+        for k, r in enumerate(chunk):
             n = len(r.completion)
             r.ref_logp = stats["logp"][k, :n]
             r.self_certainty_ref = stats["self_certainty"][k, :n].mean().item()
 
 
-class UpdateConfig(NamedTuple):
+@dataclass(frozen=True, kw_only=True)
+class UpdateConfig:
     """The hyperparameters of one update: Eq. 5 (beta, clip range, loss averaging) and how it is run."""
 
     beta: float = 0.005
@@ -330,50 +508,70 @@ class UpdateConfig(NamedTuple):
     max_grad_norm: float = 1.0
     mask_truncated_completions: bool = False  # truncated completions take no part in the loss
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
 
-def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
-    """Minimise Eq. 5 over one batch of rollouts (advantages set; ref_logp too when beta > 0): num_iterations
-    optimizer steps, each accumulating gradients over micro-batches. `model` is a CompletionLogProbs,
-    possibly DDP-wrapped. An optimizer step whose gradient norm is not finite is skipped (and counted).
+
+def make_optimizer(policy, args, total_steps, state=None):
+    """AdamW with linear warmup then cosine decay over total_steps optimizer steps; resumed from `state`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler
+
+
+def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
+    """Minimise Eq. 5 over one batch of rollouts (advantages set; ref_logp too when beta > 0).
+
+    - num_iterations optimizer steps, each accumulating gradients over micro-batches;
+    - `policy_scorer` is a CompletionLogProbs, possibly DDP-wrapped;
+    - an optimizer step whose gradient norm is not finite is skipped (and counted).
     Returns the step's metrics, averaged over the num_iterations passes."""
-    beta, epsilon, epsilon_high, loss_type, micro_batch_size, num_iterations, max_grad_norm, mask_truncated = config
-    scorer = getattr(model, "module", model)
+    c = config
+    scorer = getattr(policy_scorer, "module", policy_scorer)  # the unwrapped module, for no-grad passes
     device = next(scorer.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    parts = common.micro_batches(rollouts, micro_batch_size, pad_id, device)
-    advantages = [torch.tensor([r.advantage for r in part], device=device) for part, _ in parts]
-    in_loss = [torch.tensor([not (mask_truncated and r.truncated) for r in part], device=device) for part, _ in parts]
-    kept = [r for r in rollouts if not (mask_truncated and r.truncated)]
-    total_tokens = max(common.all_reduce(sum(len(r.completion) for r in kept)).item(), 1)
-    total_sequences = max(common.all_reduce(len(kept)).item(), 1)
+    batches = micro_batches(rollouts, c.micro_batch_size, pad_id, device)
+    advantages = [torch.tensor([r.advantage for r in chunk], device=device) for chunk, _ in batches]
+    in_loss = [torch.tensor([not (c.mask_truncated_completions and r.truncated) for r in chunk], device=device)
+               for chunk, _ in batches]  # fmt: skip
+    kept = [r for r in rollouts if not (c.mask_truncated_completions and r.truncated)]
+    total_tokens = max(global_sum(sum(len(r.completion) for r in kept)).item(), 1)
+    total_sequences = max(global_sum(len(kept)).item(), 1)
 
     # When rollouts are reused (mu > 1), rho needs the sampling policy's log-probs, frozen before the first
     # update; with mu = 1, pi_old = pi exactly and rho = exp(logp - logp.detach()) = 1 with the right gradient.
     with torch.no_grad(), autocast():
-        old_logps = [scorer(*batch)["logp"] if num_iterations > 1 else None for _, batch in parts]
+        old_logps = [scorer(*batch)["logp"] if c.num_iterations > 1 else None for _, batch in batches]
     pad = torch.nn.utils.rnn.pad_sequence
-    ref_logps = [pad([r.ref_logp for r in part], batch_first=True).to(device) if beta else None for part, _ in parts]
+    ref_logps = [pad([r.ref_logp for r in chunk], batch_first=True).to(device) if c.beta else None
+                 for chunk, _ in batches]  # fmt: skip
 
     metrics = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_updates=0)
-    for _ in range(num_iterations):
-        for j, (_, batch) in enumerate(parts):
-            last = j == len(parts) - 1
-            sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+    for _ in range(c.num_iterations):
+        for j, (_, batch) in enumerate(batches):
+            last = j == len(batches) - 1
+            sync = nullcontext() if last or not hasattr(policy_scorer, "no_sync") else policy_scorer.no_sync()
             with sync, autocast():
-                logp = model(*batch)
+                logp = policy_scorer(*batch)
                 old_logp = old_logps[j] if old_logps[j] is not None else logp.detach()
                 ref_logp = ref_logps[j] if ref_logps[j] is not None else logp.detach()
                 losses, kl, clipped = per_token_loss(
-                    logp, old_logp, ref_logp, advantages[j], beta, epsilon, epsilon_high
+                    logp, old_logp, ref_logp, advantages[j], c.beta, c.epsilon, c.epsilon_high
                 )
                 mask = batch.completion_mask & in_loss[j][:, None]
-                loss = aggregate_loss(losses, mask, loss_type, total_tokens, total_sequences)
+                loss = aggregate_loss(losses, mask, c.loss_type, total_tokens, total_sequences)
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
                 (loss * world_size).backward()
-            metrics["loss"] += loss.item() / num_iterations
-            metrics["kl"] += (kl * mask).sum().item() / total_tokens / num_iterations
-            metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / num_iterations
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), max_grad_norm).item()
+            metrics["loss"] += loss.item() / c.num_iterations
+            metrics["kl"] += (kl * mask).sum().item() / total_tokens / c.num_iterations
+            metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / c.num_iterations
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), c.max_grad_norm).item()
         if math.isfinite(metrics["grad_norm"]):  # the same on every rank: gradients are already all-reduced
             optimizer.step()
         else:  # a NaN/inf loss or gradient never reaches the weights
@@ -381,151 +579,219 @@ def optimize(model, optimizer, scheduler, rollouts, pad_id, config, autocast=nul
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     for key in ("loss", "kl", "clip_frac"):
-        metrics[key] = common.all_reduce(metrics[key]).item()
+        metrics[key] = global_sum(metrics[key]).item()
     return metrics
 
 
-# ----------------------------------------------------------------------------- training loop
-@dataclass
-class Trainer:  # what the loop needs, built once by setup()
-    rt: common.Runtime
-    lm: torch.nn.Module  # the policy (a transformers causal LM): sampled from, updated, saved
-    sampling_lm: torch.nn.Module  # lm itself, or its bf16 copy (--sampling_weights bf16)
-    model: torch.nn.Module  # the same weights as a CompletionLogProbs scorer, DDP-wrapped on several ranks
-    ref: torch.nn.Module | None  # the frozen initial model as a scorer (KL term, offline self-certainty)
+@torch.no_grad()
+def copy_weights(source, target):
+    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype."""
+    for dst, src in zip(target.parameters(), source.parameters(), strict=True):
+        dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------- the loop
+def step_prompts(prompts, step, prompts_per_step, rank, world_size, seed):
+    """This rank's prompts of a step: a seeded shuffle per epoch that every rank agrees on, cut into
+    consecutive blocks, so no prompt repeats within an epoch and ranks never overlap (a prompt's G samples
+    are drawn on one rank, so its group never straddles ranks)."""
+    epoch, i = divmod(step, len(prompts) // prompts_per_step)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = prompts_per_step // world_size
+    start = i * prompts_per_step + rank * per_rank
+    return [prompts[j] for j in order[start : start + per_rank]]
+
+
+def seed_step(seed, step, rank):
+    """Every (step, rank) gets its own stream: ranks sample differently, and a resumed run samples as an
+    uninterrupted one would."""
+    s = (seed * 1_000_003 + step * 1009 + rank) % 2**63
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+@dataclass(kw_only=True)
+class Run:
+    """What the loop needs, built once by setup()."""
+
+    args: "Args"
+    rt: process.Runtime  # rank, world size, device, autocast
+    policy: torch.nn.Module  # the transformers causal LM being trained: sampled from, updated, saved
+    sampling_policy: torch.nn.Module  # the policy itself, or its bf16 copy (--sampling_weights bf16)
+    policy_scorer: torch.nn.Module  # the policy's weights as a CompletionLogProbs, DDP-wrapped on several ranks
+    ref_scorer: torch.nn.Module | None  # the frozen initial model as a CompletionLogProbs (KL, offline SC)
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
     prompts: list  # every Prompt of the dataset
     stop_ids: list  # token ids that end a completion
+    reward_weights: dict  # reward name -> weight (--reward)
+    answer_format: str  # how final answers are read: "boxed" or "number"
+    grade_answers: bool  # a reward or the accuracy monitor needs the final answers
     start_step: int
     max_steps: int
-    metrics_path: str
-    answer_format: str  # how final answers are read: "boxed" or "number"
+    run_dir: runs.RunDirectory
+    watcher: watch.Watcher
+    skipped_in_a_row: int = 0  # optimizer steps skipped for a non-finite gradient, in a row
 
 
-def setup(args):
-    """Flags, output directory and data are checked before any model loads; then policy, reference,
-    optimizer and schedule, resumed from the newest readable checkpoint with --resume."""
-    rt = common.runtime_from_env(args.device, args.dtype)
-    common.check_train_args(args, rt.world_size)
-    weights = common.parse_reward(args.reward, REWARDS)
-    lock = common.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir) if rt.rank == 0 else None
-    rows, questions, golds = common.load_questions(
-        args.dataset, args.dataset_split, args.prompt_column, args.answer_column, need_gold="accuracy" in weights
-    )
-    ckpt, state = common.resume_state(args.output_dir, "cpu") if args.resume else (None, None)
-    if state is not None:
-        common.check_same_run(state["args"], asdict(args), common.MAY_CHANGE_ON_RESUME)
-    common.init_distributed(rt)
-    lm, tokenizer = common.load_model(ckpt or args.model, rt.device)
-    n_params = sum(p.numel() for p in lm.parameters())
-    common.check_memory(common.memory_plan(lm.config, n_params, args, rt.world_size, rt.bf16), rt)
-    prompts, skipped = common.load_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
-    if len(prompts) < args.prompts_per_step:
-        die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
+def sample_step(run, prompts):
+    """1. G completions per prompt from the current policy, generation_batch_size sequences at a time."""
+    a, pad_id = run.args, run.tokenizer.pad_token_id
+    sampler = sample_static if a.sampler == "static" else sample  # the same Rollouts either way
+    prompts_per_call = a.generation_batch_size // a.num_generations or len(prompts)
+    rollouts = []
+    run.policy.eval()
+    for i in range(0, len(prompts), prompts_per_call):
+        ids = [p.ids for p in prompts[i : i + prompts_per_call]]
+        with run.rt.autocast():
+            rollouts += sampler(run.sampling_policy, ids, a.num_generations, a.max_completion_length,
+                                a.temperature, run.stop_ids, pad_id, a.top_k, a.top_p)  # fmt: skip
+    return rollouts
 
-    ref = None
-    if args.beta > 0 or args.certainty_model == "reference":
-        ref_lm = common.load_model(args.model, rt.device)[0] if ckpt else copy.deepcopy(lm)
-        ref_lm.requires_grad_(False).eval().to(torch.bfloat16 if rt.bf16 else torch.float32)
-        ref = CompletionLogProbs(ref_lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
-    bf16_copy = args.sampling_weights == "bf16"  # GPU option: sample from a bf16 copy, refreshed after updates
-    sampling_lm = copy.deepcopy(lm).requires_grad_(False).eval().to(torch.bfloat16) if bf16_copy else lm
-    max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
-    optimizer, scheduler = common.make_optimizer(lm, args, max_steps * args.num_iterations, state)
-    if args.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = CompletionLogProbs(lm, args.temperature, args.chunk_size, args.vocab_chunk_size)
-    if rt.world_size > 1:
-        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
-    start_step, metrics_path = state["step"] if state else 0, os.path.join(args.output_dir, "metrics.jsonl")
-    if rt.rank == 0:
-        common.open_output_dir(args.output_dir, args.overwrite_output_dir, lock)
-        common.restart_metrics(metrics_path, start_step)
-        resumed = f", resumed from {ckpt}" if ckpt else ""
-        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {rt}{resumed}")
-    stop_ids = common.stop_token_ids(tokenizer, lm)
-    parts = (lm, sampling_lm, model, ref, tokenizer, optimizer, scheduler, prompts, stop_ids)
-    answer_format = common.infer_answer_format(rows, args.answer_column, args.answer_format)
-    return Trainer(rt, *parts, start_step, max_steps, metrics_path, answer_format)
+def reward_step(run, rollouts, prompts):
+    """2. Every reward of --reward. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor;
+    the frozen initial model scores the rollouts for the KL term (and for offline self-certainty)."""
+    a, G = run.args, run.args.num_generations
+    if run.grade_answers:
+        grade(rollouts, [p.gold for p in prompts], run.tokenizer, G, run.answer_format)
+    if run.ref_scorer is not None:
+        reference_pass(run.ref_scorer, rollouts, a.micro_batch_size, run.tokenizer.pad_token_id, run.rt.autocast)
+    return compute_rewards(rollouts, run.reward_weights, G, a.certainty_model)
+
+
+def update_step(run, rollouts, step):
+    """4. Minimise Eq. 5 on the step's rollouts, guarded: a non-finite gradient skips the optimizer step (three
+    in a row stop the run), an update that makes a weight non-finite stops it before anything is saved."""
+    run.policy.train()
+    config = UpdateConfig.from_args(run.args)
+    pad_id = run.tokenizer.pad_token_id
+    update = optimize(run.policy_scorer, run.optimizer, run.scheduler, rollouts, pad_id, config, run.rt.autocast)
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if update["skipped_updates"] else 0
+    if run.skipped_in_a_row >= 3:
+        die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
+    if not runs.all_finite(run.policy):  # a finite gradient, too large a step
+        die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
+    if run.sampling_policy is not run.policy:
+        copy_weights(run.policy, run.sampling_policy)
+    return update
+
+
+def checkpoint_step(run, step):
+    """Every save_steps and at the end: weights, tokenizer, optimizer and schedule, written by rank 0."""
+    a = run.args
+    if not ((a.save_steps and step % a.save_steps == 0) or step == run.max_steps):
+        return
+    if run.rt.rank == 0:
+        state = dict(step=step, optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict())
+        run.run_dir.save_checkpoint(run.policy, run.tokenizer, state | {"args": asdict(a)}, a.save_total_limit)
+    if run.rt.world_size > 1:
+        dist.barrier()
 
 
 def train(args):
-    tr = setup(args)
-    G, pad_id, rank = args.num_generations, tr.tokenizer.pad_token_id, tr.rt.rank
-    weights = common.parse_reward(args.reward, REWARDS)
-    per_call = args.generation_batch_size // G or len(tr.prompts)  # prompts sampled at once (0 = all)
-    has_gold = any(p.gold is not None for p in tr.prompts)  # grade for the reward or for the accuracy monitor
-    needs_answers = has_gold or bool(NEEDS_ANSWERS & weights.keys())
-    config = UpdateConfig(*(getattr(args, name) for name in UpdateConfig._fields))
-    sampler = sample_static if args.sampler == "static" else sample  # the same Rollouts either way
-    skipped_in_a_row = 0  # optimizer steps skipped for a non-finite gradient, in a row
-    alarm = common.HackingAlarm()  # watches each step's record for reward hacking and collapse
-    logger = common.make_logger(args.report_to, args.output_dir, asdict(args)) if rank == 0 else None
-    bar = dict(initial=tr.start_step, total=tr.max_steps, disable=not common.progress_bars(rank), desc="steps")
-    for step in tqdm(range(tr.start_step, tr.max_steps), **bar):
-        common.seed_step(args.seed, step, rank)
-        prompts = common.step_prompts(tr.prompts, step, args.prompts_per_step, rank, tr.rt.world_size, args.seed)
+    """Algorithm 1: per step, sample -> reward -> advantage -> update, then log and checkpoint."""
+    run = setup(args)
+    G, rank = args.num_generations, run.rt.rank
+    bar = dict(initial=run.start_step, total=run.max_steps, disable=not watch.progress_bars(rank), desc="steps")
+    for step in tqdm(range(run.start_step, run.max_steps), **bar):
+        seed_step(args.seed, step, rank)
+        prompts = step_prompts(run.prompts, step, args.prompts_per_step, rank, run.rt.world_size, args.seed)
 
         # 1. sample G completions per prompt; the sampler accumulates each one's self-certainty (Eq. 4)
-        t0, rollouts = time.time(), []
-        tr.lm.eval()
-        for i in range(0, len(prompts), per_call):
-            with tr.rt.autocast():
-                ids = [p.ids for p in prompts[i : i + per_call]]
-                knobs = (args.temperature, tr.stop_ids, pad_id, args.top_k, args.top_p)
-                rollouts += sampler(tr.sampling_lm, ids, G, args.max_completion_length, *knobs)
-        sample_s = time.time() - t0
+        t0 = time.time()
+        rollouts = sample_step(run, prompts)
+        sample_s, t0 = time.time() - t0, time.time()
 
-        # 2. rewards. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor; the frozen
-        #    initial model scores the rollouts for the KL term (and for offline self-certainty)
-        t0, lr = time.time(), tr.scheduler.get_last_lr()[0]
-        if needs_answers:
-            grade(rollouts, [p.gold for p in prompts], tr.tokenizer, G, tr.answer_format)
-        if tr.ref is not None:
-            reference_pass(tr.ref, rollouts, args.micro_batch_size, pad_id, tr.rt.autocast)
-        rewards = compute_rewards(rollouts, weights, G, args.certainty_model)
+        # 2. rewards: self-certainty for INTUITOR (or the rewards of the baselines)
+        rewards = reward_step(run, rollouts, prompts)
 
         # 3. group-normalised advantages (Eq. 3); groups never straddle ranks
-        for r, advantage in zip(rollouts, mixed_advantages(rewards, weights, G).tolist()):
-            r.advantage = advantage
+        for r, advantage in zip(rollouts, mixed_advantages(rewards, run.reward_weights, G, args.reward_mixing)):
+            r.advantage = advantage.item()
 
-        # 4. policy update: minimise the clipped surrogate + beta KL (Eq. 5); non-finite updates are skipped
-        tr.lm.train()
-        update = optimize(tr.model, tr.optimizer, tr.scheduler, rollouts, pad_id, config, tr.rt.autocast)
+        # 4. policy update: minimise the clipped surrogate + beta KL (Eq. 5)
+        lr = run.scheduler.get_last_lr()[0]
+        update = update_step(run, rollouts, step)
         update_s = time.time() - t0
-        skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] else 0
-        if not common.all_finite(tr.lm):  # a finite gradient, too large a step: stop before anything is saved
-            die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
-        if tr.sampling_lm is not tr.lm:
-            common.copy_weights(tr.lm, tr.sampling_lm)
 
-        # 5. log the step; checkpoint every save_steps and at the end
-        record = common.step_metrics(step + 1, rollouts, rewards, update, lr, has_gold, sample_s, update_s, G)
-        warning = alarm.check(record)  # sets monitor/alarm
-        if rank == 0:
-            common.log_step(tr.metrics_path, record, tr.max_steps, logger)
-            if warning:
-                print(warning, flush=True)
-            if args.log_completions_steps and (step == 0 or (step + 1) % args.log_completions_steps == 0):
-                common.show_completion(tr.tokenizer, rollouts[0])
-        if skipped_in_a_row >= 3:
-            die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
-        if (args.save_steps and (step + 1) % args.save_steps == 0) or step + 1 == tr.max_steps:
-            if rank == 0:  # never a checkpoint holding a non-finite weight
-                state = dict(step=step + 1, optimizer=tr.optimizer.state_dict(), scheduler=tr.scheduler.state_dict())
-                state["args"] = asdict(args)
-                common.save_checkpoint(args.output_dir, tr.lm, tr.tokenizer, state, args.save_total_limit)
-            if tr.rt.world_size > 1:
-                dist.barrier()
-    if rank == 0:
-        print(f"done: {args.output_dir}/checkpoint-{tr.max_steps}; curves: python intuitor.py plot {tr.metrics_path}")
-    if tr.rt.world_size > 1:
+        run.watcher.record(step + 1, rollouts, rewards, update, lr, sample_s, update_s)
+        checkpoint_step(run, step + 1)
+    run.watcher.done(run.run_dir.checkpoint_path(run.max_steps))
+    if run.rt.world_size > 1:
         dist.destroy_process_group()
-    return tr.lm
+    return run.policy
+
+
+def setup(args):
+    """Each room asked once, in the order a run needs it: flags, run directory, data, then (the only slow part)
+    the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every check
+    that can fail runs before any model loads."""
+    rt = process.runtime_from_env(args.device, args.dtype)
+    process.check_train_args(args, rt.world_size)
+    reward_weights = parse_reward(args.reward)
+    process.init_distributed(rt)  # first, so that a check failing on rank 0 alone stops every rank (on_first_rank)
+    run_dir = runs.RunDirectory(args.output_dir, args.resume, args.overwrite_output_dir, rank=rt.rank)
+    checkpoint, state = run_dir.resume_point(asdict(args))
+    need_gold = "accuracy" in reward_weights
+    rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
+                                                  args.answer_column, need_gold=need_gold)  # fmt: skip
+
+    policy, tokenizer = process.load_model(checkpoint or args.model, rt.device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
+    prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
+    if len(prompts) < args.prompts_per_step:
+        die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
+    max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
+
+    ref_scorer = None
+    if args.beta > 0 or args.certainty_model == "reference":  # the initial model, also when resuming
+        ref = process.load_model(args.model, rt.device)[0] if checkpoint else copy.deepcopy(policy)
+        ref.requires_grad_(False).eval().to(torch.bfloat16 if rt.bf16 else torch.float32)
+        ref_scorer = CompletionLogProbs(ref, args.temperature, args.chunk_size, args.vocab_chunk_size)
+    sampling_policy = policy
+    if args.sampling_weights == "bf16":  # GPU option: sample from a bf16 copy, refreshed after every update
+        sampling_policy = copy.deepcopy(policy).requires_grad_(False).eval().to(torch.bfloat16)
+    optimizer, scheduler = make_optimizer(policy, args, max_steps * args.num_iterations, state)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy_scorer = CompletionLogProbs(policy, args.temperature, args.chunk_size, args.vocab_chunk_size)
+    if rt.world_size > 1:
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        policy_scorer = torch.nn.parallel.DistributedDataParallel(
+            policy_scorer, device_ids=device_ids, broadcast_buffers=False
+        )
+
+    start_step = state["step"] if state else 0
+    run_dir.open(start_step)
+    if rt.rank == 0:
+        resumed = f", resumed from {checkpoint}" if checkpoint else ""
+        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {rt}{resumed}")
+    has_gold = any(p.gold is not None for p in prompts)
+    watcher = watch.Watcher(run_dir.metrics_path, max_steps, rt.rank, args.report_to, args.output_dir, asdict(args),
+                            tokenizer, args.log_completions_steps, has_gold, args.num_generations)  # fmt: skip
+    return Run(
+        args=args,
+        rt=rt,
+        policy=policy,
+        sampling_policy=sampling_policy,
+        policy_scorer=policy_scorer,
+        ref_scorer=ref_scorer,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        prompts=prompts,
+        stop_ids=stop_token_ids(tokenizer, policy),
+        reward_weights=reward_weights,
+        answer_format=tasks.infer_answer_format(rows, args.answer_column, args.answer_format),
+        grade_answers=has_gold or bool(NEEDS_ANSWERS & reward_weights.keys()),
+        start_step=start_step,
+        max_steps=max_steps,
+        run_dir=run_dir,
+        watcher=watcher,
+    )
 
 
 # ----------------------------------------------------------------------------- appendix: the streamed lm_head
@@ -545,9 +811,9 @@ def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=N
         z = (h @ weight[v0 : v0 + vocab_chunk].T).float()
         z_t = z / temperature if temperature != 1 else z
         lse = torch.logaddexp(lse, torch.logsumexp(z_t, -1))
-        hit = (targets >= v0) & (targets < v0 + z.shape[1])
-        in_slice = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
-        target += torch.where(hit, z_t.gather(1, in_slice).squeeze(1), 0.0)
+        in_this_slice = (targets >= v0) & (targets < v0 + z.shape[1])
+        column = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
+        target += torch.where(in_this_slice, z_t.gather(1, column).squeeze(1), 0.0)
         if mean_row is not None:  # rescale the running sums whenever the max grows
             new_max = torch.maximum(run_max, z.max(-1).values)
             scale, e = torch.exp(run_max - new_max), torch.exp(z - new_max[:, None])
@@ -568,37 +834,40 @@ def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, v
     row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
     mean_row = row_sum / weight.shape[0]
     chunks = zip(h.split(chunk_size), targets.split(chunk_size))
-    parts = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
-    return {key: torch.cat([p[key] for p in parts]) for key in ("logp", "self_certainty", "entropy")}
+    per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
+    return {key: torch.cat([s[key] for s in per_chunk]) for key in ("logp", "self_certainty", "entropy")}
 
 
 class StreamedLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
 
     d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and, for the model's fp32
-    weight, into W.grad itself: autograd gets a stride-0 zero, so no second full-size weight gradient exists,
-    and DDP's hooks and a tied embedding's gradient still arrive through autograd. One tile of logits at most."""
+    weight, into W.grad itself: autograd gets a stride-0 zero, and DDP's hooks still fire through autograd. One
+    tile of logits at most. For an untied head no second full-size weight gradient exists; a head tied to the
+    input embedding (Qwen2.5 up to 3B, SmolLM2) still gets the embedding's dense V x H gradient from autograd,
+    which joins the streamed one in the same .grad."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
         chunks = zip(h.split(chunk_size), targets.split(chunk_size))
-        parts = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
-        ctx.save_for_backward(h, weight, targets, torch.cat([p["lse"] for p in parts]))
-        ctx.conf = temperature, chunk_size, vocab_chunk
-        # backward recomputes the logits: it must do so at the forward's precision, or p = exp(z - lse) drifts
+        per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
+        ctx.save_for_backward(h, weight, targets, torch.cat([s["lse"] for s in per_chunk]))
+        ctx.tiles = temperature, chunk_size, vocab_chunk
+        # backward recomputes the logits under the forward's autocast state, or p = exp(z - lse) drifts; under
+        # bf16 autocast its gradient matmuls run in bf16 too, accumulated into fp32 grad_h and W.grad
         ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
-        return torch.cat([p["logp"] for p in parts])
+        return torch.cat([s["logp"] for s in per_chunk])
 
     @staticmethod
     def backward(ctx, grad):
         device_type, enabled, dtype = ctx.amp
         h, weight, targets, lse = ctx.saved_tensors
-        temperature, chunk_size, vocab_chunk = ctx.conf
+        temperature, chunk_size, vocab_chunk = ctx.tiles
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        direct = weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
-        if direct and weight.grad is None:
+        into_grad = weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
+        if into_grad and weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        grad_w = weight.grad if direct else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        grad_w = weight.grad if into_grad else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward did
             for i in range(0, h.shape[0], chunk_size):
                 hc, tc = h[i : i + chunk_size], targets[i : i + chunk_size]
@@ -606,11 +875,11 @@ class StreamedLogProbs(torch.autograd.Function):
                 for v0 in range(0, weight.shape[0], vocab_chunk):
                     w = weight[v0 : v0 + vocab_chunk]
                     dz = -torch.exp((hc @ w.T).float() / temperature - lse[i : i + chunk_size, None]) * g[:, None]
-                    hit = (tc >= v0) & (tc < v0 + w.shape[0])
-                    dz[hit, tc[hit] - v0] += g[hit]
+                    in_slice = (tc >= v0) & (tc < v0 + w.shape[0])
+                    dz[in_slice, tc[in_slice] - v0] += g[in_slice]
                     grad_h[i : i + chunk_size] += dz @ w.float()
                     grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
-        grad_w = weight.new_zeros(()).expand(weight.shape) if direct else grad_w.to(weight.dtype)
+        grad_w = weight.new_zeros(()).expand(weight.shape) if into_grad else grad_w.to(weight.dtype)
         return grad_h.to(h.dtype), grad_w, None, None, None, None
 
 
@@ -623,10 +892,10 @@ class CompletionLogProbs(torch.nn.Module):
 
     def __init__(self, lm, temperature, chunk_size, vocab_chunk):
         super().__init__()
-        self.lm, self.conf = lm, (temperature, chunk_size, vocab_chunk)
+        self.lm, self.tiles = lm, (temperature, chunk_size, vocab_chunk)
 
     def forward(self, ids, attention_mask, n_prompt, completion_mask):
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(attention_mask)
         out = self.lm.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
         h = out.last_hidden_state[:, n_prompt - 1 : -1][completion_mask]
         targets = ids[:, n_prompt:][completion_mask]
@@ -637,63 +906,74 @@ class CompletionLogProbs(torch.nn.Module):
             return zeros.masked_scatter(completion_mask, values.float())
 
         if torch.is_grad_enabled():
-            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.conf))
-        return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.conf).items()}
+            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.tiles))
+        return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.tiles).items()}
 
 
 # ----------------------------------------------------------------------------- appendix: a sampler for GPUs
 # On a GPU sample() is launch-bound: every decode step issues hundreds of small kernels from Python. Here the KV
 # cache is preallocated and no tensor changes shape (finished sequences go on decoding, masked out), so on CUDA
-# the decode step runs as a CUDA graph (torch.compile "reduce-overhead"). On CPU it runs eagerly; the tests hold
+# the decode step runs as a CUDA graph (torch.compile "reduce-overhead"). The cache lives on the model and is
+# reset, not rebuilt, between calls of the same shape: CUDA graphs are recorded against its tensors' addresses,
+# so a new cache per call would record (and keep) a new graph per call. On CPU it runs eagerly; the tests hold
 # it to sample(), token for token, on left-padded prompts whose completions stop at different steps.
+def static_cache(policy, batch_size, max_cache_len):
+    """The model's StaticCache for this shape, emptied; a new one only when the shape (or dtype) changes."""
+    from transformers import StaticCache
+
+    device = policy.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else policy.dtype
+    key = (batch_size, max_cache_len, dtype)
+    cache = getattr(policy, "static_cache", None)
+    if cache is not None and policy.static_cache_key == key:
+        cache.reset()
+        return cache
+    policy.static_cache, policy.static_cache_key = StaticCache(config=policy.config, max_cache_len=max_cache_len), key
+    return policy.static_cache
 
 
 @torch.no_grad()
-def sample_static(lm, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
+def sample_static(policy, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0,
+                  top_p=1.0):  # fmt: skip
     """sample() with a static KV cache and a fixed-shape decode step (--sampler static)."""
-    from transformers import StaticCache
-
-    device = next(lm.parameters()).device
+    device, kv = next(policy.parameters()).device, cache_argument(policy)
     rows = [p for p in prompts for _ in range(num_generations)]  # a prompt's G samples adjacent
     n, width = len(rows), -(-max(map(len, prompts)) // 64) * 64  # padded to a multiple of 64: few shapes to compile
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in rows], device=device)
     # one mask over the whole cache: the prompt's tokens now, each new token as it is written
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in rows], device=device)
-    pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    cache = StaticCache(config=lm.config, max_cache_len=width + max_new_tokens)
-    where = torch.arange(width, device=device)  # the cache positions written by this call
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, cache_position=where,
-             logits_to_keep=1)  # fmt: skip
-    logits, pos, where = out.logits[:, -1].float(), pos[:, -1:], where[-1:]
-    if not torch.isfinite(logits).all():
-        die("the model's logits hold NaN/inf: its weights are broken (a diverged run?); lower --learning_rate")
-    if device.type == "cuda" and not hasattr(lm, "compiled_forward"):  # compiled once per model, then replayed
-        lm.compiled_forward = torch.compile(lm.forward, mode="reduce-overhead")
-    forward = lm.compiled_forward if device.type == "cuda" else lm
+    ids, mask, pos = left_pad(rows, pad_id, width, device, free_columns=max_new_tokens)
+    cache = static_cache(policy, n, width + max_new_tokens)
+    written = torch.arange(width, device=device)  # cache positions written by this forward (older transformers)
+    extra = {"cache_position": written} if "cache_position" in inspect.signature(policy.forward).parameters else {}
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **{kv: cache}, **extra)
+    logits, pos, written = out.logits[:, -1].float(), pos[:, -1:], written[-1:]
+    check_finite(logits)
+    if device.type == "cuda" and not hasattr(policy, "compiled_forward"):  # compiled once per model, then replayed
+        policy.compiled_forward = torch.compile(policy.forward, mode="reduce-overhead")
+    forward = policy.compiled_forward if device.type == "cuda" else policy
     stop, alive = torch.tensor(stop_ids, device=device), torch.ones(n, dtype=torch.bool, device=device)
-    certainty_sum, entropy_sum, length = (torch.zeros(n, device=device) for _ in range(3))
-    tokens = torch.full((n, max_new_tokens), pad_id, device=device)
+    stats, tokens = RunningStats(n, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        certainty_sum += torch.where(alive, self_certainty(logits), 0.0)  # finished rows add nothing
-        entropy_sum += torch.where(alive, entropy(logits), 0.0)
+        stats.add(logits, slice(None), alive)
         next_token = torch.where(alive, choose_tokens(logits, temperature, top_k, top_p), pad_id)
-        tokens[:, t], length = next_token, length + alive
+        tokens[:, t] = next_token
         alive &= ~torch.isin(next_token, stop)
         if t == max_new_tokens - 1 or (t % 16 == 15 and not alive.any()):  # the host waits every 16 steps only
             break
         mask[:, width + t] = 1
-        pos, where = pos + 1, where + 1
-        step = dict(input_ids=next_token[:, None], attention_mask=mask, position_ids=pos, cache_position=where)
-        logits = forward(**step, past_key_values=cache).logits[:, -1].float()
-    return to_rollouts(prompts, num_generations, tokens, length, certainty_sum, entropy_sum, alive)
+        pos, written = pos + 1, written + 1
+        extra = {"cache_position": written} if extra else {}
+        step = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, kv: cache, **extra}
+        # .clone(): a graph replay's output lives in the graph's memory, overwritten by the next replay
+        logits = forward(**step).logits[:, -1].float().clone()
+    return stats.rollouts(prompts, num_generations, tokens, alive)
 
 
 def parse_args(argv=None):
-    return common.parse_flags(Args, argv, epilog=f"training curves: {common.PLOT_USAGE}")
+    return process.parse_flags(Args, argv, epilog=f"training curves: {watch.PLOT_USAGE}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [OUT.png]
-        common.plot_metrics(*sys.argv[2:])
+        watch.plot_metrics(*sys.argv[2:])
     else:
         train(parse_args(sys.argv[1:]))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A CPU-sized Table 1: SmolLM2-135M-Instruct on short arithmetic (data/, made by `python common.py arithmetic data`),
+# A CPU-sized Table 1: SmolLM2-135M-Instruct on short arithmetic (data/, made by `python -m harness.tasks arithmetic data`),
 # one shared budget for every method, then greedy evaluation of each final model on the held-out split.
 # Usage: bash docs/table1.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [methods...]   (about 15 min per method, 2 cores)
 set -euo pipefail

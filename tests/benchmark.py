@@ -24,8 +24,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-import common  # noqa: E402
 import intuitor as I  # noqa: E402
+from harness import process, tasks  # noqa: E402
 
 CHUNK, VOCAB_CHUNK = I.Args.chunk_size, I.Args.vocab_chunk_size
 
@@ -155,7 +155,7 @@ def model_dir(args):
     )
     if not os.path.exists(os.path.join(path, "config.json")):
         if args.gguf:
-            lm, tok = common.load_model(args.gguf, "cpu")
+            lm, tok = process.load_model(args.gguf, "cpu")
         else:
             from conftest import make_model, make_tokenizer
 
@@ -235,9 +235,9 @@ def step_trl(path, a):
 
     def accuracy_reward(completions, solution, **_):
         """Answer grading, as intuitor.py's accuracy monitor does every step (weight 0: logged, not trained)."""
-        golds = [common.last_boxed(s) for s in solution]
+        golds = [tasks.last_boxed(s) for s in solution]
         return [
-            float(common.is_correct(common.extract_answer(c[0]["content"], "boxed"), g))
+            float(tasks.is_correct(tasks.extract_answer(c[0]["content"], "boxed"), g))
             for c, g in zip(completions, golds)
         ]
 
@@ -323,7 +323,7 @@ def sampling(args):
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     rows = [json.loads(line) for line in open(args.data)][: args.prompts]
     prompts = [
-        tok(common.render_prompt(tok, r["problem"], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids for r in rows
+        tok(I.render_prompt(tok, r["problem"], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids for r in rows
     ]
     n = len(prompts) * args.G
 
@@ -411,7 +411,7 @@ def grading(args):
 
 # ----------------------------------------------------------------------------- 5. memory plan
 def plan(args):
-    """common.memory_plan at the paper's per-rank shape (8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens,
+    """process.memory_plan at the paper's per-rank shape (8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens,
     beta 0.005) for Qwen2.5-1.5B and -3B, from their published shapes; nothing is loaded or run."""
     from types import SimpleNamespace
 
@@ -428,7 +428,7 @@ def plan(args):
                                  num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
         for mbs, ckpt in ((4, False), (4, True), (1, True)):
             flags = I.Args(micro_batch_size=mbs, gradient_checkpointing=ckpt)
-            p = common.memory_plan(config, n, flags, world_size=8, bf16=True)
+            p = process.memory_plan(config, n, flags, world_size=8, bf16=True)
             fixed = p["weights (fp32)"] + p["AdamW moments"] + p["reference"]
             update = p["gradients (update)"] + p["activations (update)"]
             fits = ["yes" if p["peak"] <= cap else "no" for cap in (39.4, 79.2)]  # GiB, as torch reports them

@@ -40,7 +40,15 @@ def fixed_update(model_dir, out, world, rank):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     I.reference_pass(I.CompletionLogProbs(ref_lm, 1.0, 8, 64), mine, 3, tok.pad_token_id)
     loss_type = os.environ.get("LOSS_TYPE", "token")
-    config = I.UpdateConfig(0.05, 0.2, 0.2, loss_type, 3, 1, 1e9)  # no clipping: it would hide a scale error
+    config = I.UpdateConfig(
+        beta=0.05,
+        epsilon=0.2,
+        epsilon_high=0.2,
+        loss_type=loss_type,
+        micro_batch_size=3,
+        num_iterations=1,
+        max_grad_norm=1e9,
+    )  # no clipping: it would hide a scale error
     I.optimize(model, opt, sched, mine, tok.pad_token_id, config)
     if rank == 0:
         torch.save(lm.state_dict(), out)

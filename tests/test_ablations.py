@@ -9,8 +9,8 @@ import torch
 from conftest import make_model
 from test_intuitor import metrics, naive_entropy, naive_self_certainty, run, small_run
 
-import common as T
 import intuitor as I
+from harness import tasks as T
 
 
 def test_plurality_votes():

@@ -14,9 +14,9 @@ import zlib
 import pytest
 from conftest import ROOT, torchrun
 
-import benchmarks as B
 import eval as E
-import sandbox
+from harness import benchmarks as B
+from harness import sandbox
 
 DATA = os.path.join(ROOT, "tests", "data")
 

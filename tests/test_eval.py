@@ -8,9 +8,9 @@ import sys
 import pytest
 from conftest import ROOT, torchrun
 
-import benchmarks as B
-import common as T
 import eval as E
+from harness import benchmarks as B
+from harness import tasks as T
 
 DATA = os.path.join(ROOT, "tests", "data")
 

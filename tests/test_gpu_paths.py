@@ -9,8 +9,8 @@ import torch
 from conftest import make_model
 from test_intuitor import metrics, small_run
 
-import common
 import intuitor as I
+from harness import process
 
 PROMPTS = ("What is 2 + 3?", "Compute 7 * 6 = 42, so the final answer", "x")
 
@@ -36,7 +36,7 @@ def test_static_sampler_matches_eager(tokenizer, max_new_tokens, temperature, to
 def test_copy_weights_casts_into_the_sampling_copy(tokenizer):
     lm = make_model(tokenizer, seed=1)
     copy = make_model(tokenizer, seed=2).to(torch.bfloat16)
-    common.copy_weights(lm, copy)
+    I.copy_weights(lm, copy)
     for a, b in zip(lm.parameters(), copy.parameters(), strict=True):
         assert b.dtype == torch.bfloat16 and torch.equal(a.detach().to(torch.bfloat16), b.detach())
 
@@ -53,7 +53,7 @@ def test_memory_plan_counts_the_sampling_copy():
 
     config = SimpleNamespace(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                              num_key_value_heads=2)  # fmt: skip
-    without = common.memory_plan(config, 10**9, I.Args())
-    with_copy = common.memory_plan(config, 10**9, I.Args(sampling_weights="bf16"))
+    without = process.memory_plan(config, 10**9, I.Args())
+    with_copy = process.memory_plan(config, 10**9, I.Args(sampling_weights="bf16"))
     assert with_copy["bf16 sampling copy"] == pytest.approx(2e9 / 2**30) and without["bf16 sampling copy"] == 0
     assert with_copy["peak"] - without["peak"] == pytest.approx(2e9 / 2**30)

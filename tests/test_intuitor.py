@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import DATA, ROOT, make_model
 
-import common
 import intuitor as I
 
 
@@ -126,7 +125,7 @@ def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokeniz
     # independent reference: each sequence alone, no padding, no cache, full logits in float64
     scorer = I.CompletionLogProbs(lm, 0.8, chunk_size=5, vocab_chunk=64)
     with torch.no_grad():
-        batched = scorer(*common.collate(rollouts, tokenizer.pad_token_id, "cpu"))
+        batched = scorer(*I.collate(rollouts, tokenizer.pad_token_id, "cpu"))
         for k, r in enumerate(rollouts):
             ids = torch.tensor([r.prompt + r.completion])
             logits = lm(input_ids=ids).logits[0, len(r.prompt) - 1 : -1].double()  # position i-1 predicts i
@@ -217,7 +216,15 @@ def one_update(tokenizer, rollouts, micro_batch_size, loss_type):
         sched,
         rollouts,
         tokenizer.pad_token_id,
-        I.UpdateConfig(0.05, 0.2, 0.2, loss_type, micro_batch_size, 1, 1e9),
+        I.UpdateConfig(
+            beta=0.05,
+            epsilon=0.2,
+            epsilon_high=0.2,
+            loss_type=loss_type,
+            micro_batch_size=micro_batch_size,
+            num_iterations=1,
+            max_grad_norm=1e9,
+        ),
     )
     return lm, m
 

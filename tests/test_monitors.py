@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, make_model
 from test_intuitor import metrics, small_run
 
-import common
 import intuitor as I
+from harness import watch
 
 
 # ---------------------------------------------------------------- sampling knobs
@@ -37,7 +37,7 @@ def naive_filter(logits, temperature, top_k, top_p):
 def test_sampling_logits_match_naive_filter(top_k, top_p):
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
-    z = common.sampling_logits(logits, 0.8, top_k, top_p)
+    z = I.sampling_logits(logits, 0.8, top_k, top_p)
     assert torch.equal(torch.isfinite(z), naive_filter(logits, 0.8, top_k, top_p))
     torch.testing.assert_close(z[torch.isfinite(z)], (logits / 0.8)[torch.isfinite(z)])
 
@@ -53,10 +53,10 @@ def test_top_k_one_samples_the_greedy_completion_and_self_certainty_is_read_raw(
 
 # ---------------------------------------------------------------- monitors
 def test_repeated_ngram_fraction():
-    assert common.repeated_ngram_frac([1, 2, 3, 4, 5, 6]) == 0
-    assert common.repeated_ngram_frac([7] * 10) == pytest.approx(1 - 1 / 7)  # 7 four-grams, one distinct
-    assert common.repeated_ngram_frac([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
-    assert common.repeated_ngram_frac([1, 2]) == 0
+    assert watch.repeated_ngram_frac([1, 2, 3, 4, 5, 6]) == 0
+    assert watch.repeated_ngram_frac([7] * 10) == pytest.approx(1 - 1 / 7)  # 7 four-grams, one distinct
+    assert watch.repeated_ngram_frac([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    assert watch.repeated_ngram_frac([1, 2]) == 0
 
 
 def test_step_monitors_by_hand():
@@ -69,7 +69,7 @@ def test_step_monitors_by_hand():
                 rollout(1.5, False, [5] * 6), rollout(1.5, False, [5] * 6)]  # fmt: skip
     rewards = {"self_certainty": torch.tensor([3.0, 1.0, 0.5, 2.0, 1.5, 1.5])}
     update = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=1.0, skipped_updates=0)
-    record = common.step_metrics(1, rollouts, rewards, update, 1e-3, True, 1.0, 1.0, num_generations=2)
+    record = watch.step_metrics(1, rollouts, rewards, update, 1e-3, True, 1.0, 1.0, num_generations=2)
     assert record["monitor/most_certain_accuracy"] == pytest.approx(1 / 3)  # right, wrong, wrong
     assert record["monitor/equal_reward_groups"] == pytest.approx(1 / 3)
     # correct SC {3.0, 0.5} vs wrong {1.0, 2.0, 1.5, 1.5}: pairs won 4 of 8 -> AUROC 0.5
@@ -90,8 +90,13 @@ def stream(steps, length, accuracy, reward, entropy, repetition=lambda s: 0.05):
 
 
 def alarms(records):
-    alarm = common.HackingAlarm(window=5)
-    return [(r["step"], message) for r in records if (message := alarm.check(r))], records
+    alarm = watch.HackingAlarm(window=5)
+    fired = []
+    for r in records:
+        r["monitor/alarm"], message = alarm.check(r)
+        if message:
+            fired.append((r["step"], message))
+    return fired, records
 
 
 def test_alarm_fires_on_the_hacking_signature():
@@ -145,7 +150,16 @@ def test_masked_truncated_completions_take_no_part_in_the_loss(tokenizer):
             r.advantage, r.truncated = (1.0 if k % 2 else -1.0), truncate(k)
         before = [p.detach().clone() for p in lm.parameters()]
         opt = torch.optim.SGD(lm.parameters(), lr=1.0)
-        config = I.UpdateConfig(0.0, 0.2, 0.2, "token", 2, 1, 1e9, mask)
+        config = I.UpdateConfig(
+            beta=0.0,
+            epsilon=0.2,
+            epsilon_high=0.2,
+            loss_type="token",
+            micro_batch_size=2,
+            num_iterations=1,
+            max_grad_norm=1e9,
+            mask_truncated_completions=mask,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, tokenizer.pad_token_id, config)
         return [p.detach() - b for p, b in zip(lm.parameters(), before)]

@@ -158,7 +158,15 @@ def test_non_finite_gradient_never_reaches_the_weights(tokenizer, tmp_path):
     before = [p.detach().clone() for p in lm.parameters()]
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    config = I.UpdateConfig(0.0, 0.2, 0.2, "token", 3, 2, 1.0)
+    config = I.UpdateConfig(
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.2,
+        loss_type="token",
+        micro_batch_size=3,
+        num_iterations=2,
+        max_grad_norm=1.0,
+    )
     update = I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, tokenizer.pad_token_id, config)
     assert update["skipped_updates"] == 2 and not math.isfinite(update["grad_norm"])
     assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters()))  # weights untouched
@@ -245,13 +253,13 @@ def test_memory_plan_by_hand_for_the_papers_shape():
     at the paper's per-rank shape on 8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens, micro-batch 4."""
     from types import SimpleNamespace
 
-    import common
+    from harness import process
 
     config = SimpleNamespace(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
                              num_key_value_heads=2)  # fmt: skip
     args = I.Args()
     P, GiB = 1_543_714_304, 2**30
-    plan = common.memory_plan(config, P, args, world_size=8, bf16=True)
+    plan = process.memory_plan(config, P, args, world_size=8, bf16=True)
     assert plan["weights (fp32)"] == pytest.approx(4 * P / GiB) and plan["AdamW moments"] == pytest.approx(8 * P / GiB)
     assert plan["reference"] == pytest.approx(2 * P / GiB)  # bf16 copy
     # K and V, 28 layers x 2 heads x 128 x 2 bytes, for 112 sequences x 3584 tokens
@@ -261,20 +269,20 @@ def test_memory_plan_by_hand_for_the_papers_shape():
     assert plan["peak"] == pytest.approx(
         14 * P / GiB + max(plan["KV cache (sampling)"], 4 * P / GiB + plan["activations (update)"])
     )
-    checkpointed = common.memory_plan(config, P, I.Args(gradient_checkpointing=True), world_size=8)
+    checkpointed = process.memory_plan(config, P, I.Args(gradient_checkpointing=True), world_size=8)
     assert checkpointed["activations (update)"] == pytest.approx((28 * 4 * 1536 + 97280) * 4 * 3584 / GiB)
-    assert common.memory_plan(config, P, I.Args(beta=0.0), world_size=8)["reference"] == 0
+    assert process.memory_plan(config, P, I.Args(beta=0.0), world_size=8)["reference"] == 0
 
 
 def test_a_plan_that_cannot_fit_is_one_error_line_naming_the_flags(capsys):
-    import common
+    from harness import process
 
     plan = {"weights (fp32)": 1.0, "peak": 1e9}
     with pytest.raises(SystemExit) as stop:
-        common.check_memory(plan, common.Runtime())
+        process.check_memory(plan, process.Runtime())
     message = str(stop.value)
     assert message.startswith("error:") and "\n" not in message
     for flag in ("--generation_batch_size", "--micro_batch_size", "--gradient_checkpointing"):
         assert flag in message
     assert "memory plan per rank" in capsys.readouterr().out
-    common.check_memory({"weights (fp32)": 1.0, "peak": 0.001}, common.Runtime())  # fits: no error
+    process.check_memory({"weights (fp32)": 1.0, "peak": 0.001}, process.Runtime())  # fits: no error

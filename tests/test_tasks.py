@@ -6,8 +6,8 @@ import os
 
 from conftest import ROOT
 
-import common
 import intuitor as I
+from harness import tasks
 
 
 def expression(row):
@@ -15,15 +15,15 @@ def expression(row):
 
 
 def test_arithmetic_splits_are_deterministic_disjoint_and_match_the_committed_files():
-    train, test = common.arithmetic_splits()
-    assert (train, test) == common.arithmetic_splits()  # same seed, same problems
-    assert common.arithmetic_splits(seed=1) != (train, test)
+    train, test = tasks.arithmetic_splits()
+    assert (train, test) == tasks.arithmetic_splits()  # same seed, same problems
+    assert tasks.arithmetic_splits(seed=1) != (train, test)
     assert len(train) == 431 and len(test) == 300
     assert not {expression(r) for r in train} & {expression(r) for r in test}  # never trained on, in any phrasing
     for row in train + test:
         a, op, b = expression(row).split()
         assert row["answer"].endswith(f"#### {eval(f'{a} {op} {b}')}")  # noqa: S307 - our own digits
-    for name, rows in (("train", train), ("test", test)):  # what `python common.py arithmetic data` writes
+    for name, rows in (("train", train), ("test", test)):  # what `python -m harness.tasks arithmetic data` writes
         with open(os.path.join(ROOT, "data", f"arithmetic_{name}.jsonl")) as f:
             assert [json.loads(line) for line in f] == rows
 
@@ -33,8 +33,8 @@ def test_answer_format_is_inferred_from_the_gold_answers():
 
     gsm = Dataset.from_list([{"question": "q", "answer": "2 + 2 = 4\n#### 4"}])
     math = Dataset.from_list([{"problem": "q", "solution": "so \\boxed{4}"}])
-    assert common.infer_answer_format(gsm) == "number" and common.infer_answer_format(math) == "boxed"
-    assert common.infer_answer_format(math, answer_format="number") == "number"  # an explicit choice stands
+    assert tasks.infer_answer_format(gsm) == "number" and tasks.infer_answer_format(math) == "boxed"
+    assert tasks.infer_answer_format(math, answer_format="number") == "number"  # an explicit choice stands
 
 
 def test_number_format_grades_unboxed_answers(tokenizer):

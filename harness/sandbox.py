@@ -1,5 +1,4 @@
-"""
-Run model-written Python, which can do anything, without letting it harm the machine that grades it.
+"""Running model-written Python, which can do anything, without letting it harm the machine that grades it.
 
     sandbox.run_many([sandbox.Job("def f(x):\n    return 2 * x", tests="assert f(2) == 4")])  # [Result(passed=True..)]
 

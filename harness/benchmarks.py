@@ -1,5 +1,6 @@
-"""
-What each benchmark of Table 1 asks and how its answers are graded, in the spirit of nanochat's tasks/: where
+"""Table 1's benchmarks: what each asks and how its answers are graded.
+
+In the spirit of nanochat's tasks/: where
 the problems come from (hub, or a local copy with the hub's columns), the user turn built from a row, how an
 answer is read from a completion (a \\boxed{} or a number, a fenced program, a letter, a value) and checked
 (math-verify, running the program against the benchmark's tests in sandbox.py, comparing letters).
@@ -13,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import common
-import sandbox
-from common import die, extract_answer, is_correct
+from harness import sandbox, tasks
+from harness.process import check_hub, die
+from harness.tasks import extract_answer, is_correct
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -28,7 +29,7 @@ class Benchmark:
     columns: tuple  # the columns a problem needs (checked in --data files)
     ask: Callable[[dict], str]  # the user turn, from a row
     grade: Literal["math", "choice", "output", "code"]  # see grade_batch
-    answer_format: str = ""  # math: "boxed" or "number" (common.extract_answer)
+    answer_format: str = ""  # math: "boxed" or "number" (harness.tasks.extract_answer)
     groups: tuple = ()  # columns accuracy is also broken down by
 
 
@@ -73,7 +74,7 @@ LIVECODEBENCH_FILES = [f"test{k}.jsonl" for k in ("", 2, 3, 4, 5, 6)]  # release
 LIVECODEBENCH_COLUMNS = ("question_content", "starter_code", "public_test_cases", "private_test_cases", "metadata")
 # fmt: off
 BENCHMARKS = {
-    # data/arithmetic_test.jsonl, shipped (python common.py arithmetic data)
+    # data/arithmetic_test.jsonl, shipped (python -m harness.tasks arithmetic data)
     "arithmetic": Benchmark("", None, ("question",), column("question"), "math", answer_format="number"),
     "gsm8k": Benchmark("openai/gsm8k", "main", ("question",), column("question"), "math", answer_format="number"),
     "math500": Benchmark("HuggingFaceH4/MATH-500", None, ("problem",), column("problem"), "math",
@@ -98,11 +99,11 @@ def load_problems(name, data="", limit=0):
     if not data and not spec.hub:  # shipped with the repository
         data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic_test.jsonl")
     if data:
-        rows = common.load_rows(data, "test", flag="--data")
+        rows = tasks.load_rows(data, "test", flag="--data")
     else:
         from datasets import load_dataset
 
-        common.check_hub(spec.hub, "--benchmark")
+        check_hub(spec.hub, "--benchmark")
         try:
             if name == "livecodebench":  # its JSON files (datasets >= 4 runs no loading scripts)
                 files = [f"hf://datasets/{spec.hub}/{file}" for file in LIVECODEBENCH_FILES]
@@ -119,10 +120,10 @@ def load_problems(name, data="", limit=0):
             f"{source} has no column {', '.join(missing)} (columns: {', '.join(rows.column_names)}); "
             f"--benchmark {name} needs the hub dataset's columns: {', '.join(spec.columns)}"
         )
-    common.check_texts(rows, spec.columns[0], source)
+    tasks.check_texts(rows, spec.columns[0], source)
     golds = [None] * len(rows)  # programs are graded by their tests
     if spec.grade == "math":
-        golds = common.gold_answers(rows)
+        golds = tasks.gold_answers(rows)
         if all(gold is None for gold in golds):
             die(f"--data has no gold answers (an `answer` or `solution` column) for --benchmark {name}")
     elif spec.grade in ("choice", "output"):
@@ -261,7 +262,7 @@ def same_output(printed, expected):
 
 
 def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
-    """(extracted answer, correct) for each completion of each problem. Math: common.extract_answer and
+    """(extracted answer, correct) for each completion of each problem. Math: tasks.extract_answer and
     math-verify; choice: the letter; code and CRUXEval-O: every job of a sample passes in the sandbox, all jobs
     of the batch run in parallel."""
     spec = BENCHMARKS[benchmark]

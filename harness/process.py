@@ -1,0 +1,268 @@
+"""The process a run lives in: flags and their checks, ranks, devices and collectives, model loading, the memory plan.
+
+Bad input ends in `die`: one `error:` line naming the fix, before any model loads.
+"""
+
+import argparse
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.distributed as dist
+
+
+def die(msg):
+    """Bad input ends here: one line naming the fix, exit status 1, no traceback (printed by rank 0 only)."""
+    raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+def parse_flags(dataclass_type, argv, epilog=None):
+    """Command-line flags into the dataclass; an unknown or malformed flag is one error line, not a traceback."""
+    from transformers import HfArgumentParser
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" after a required flag
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+    parser = HfArgumentParser(dataclass_type, formatter_class=Help, epilog=epilog)
+
+    def usage_error(message):
+        die(f"{message}; run with --help to list the flags")
+
+    parser.error = usage_error
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        usage_error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def check_train_args(args, world_size):
+    """Every flag checked before anything loads; the first one out of range ends the run with one line."""
+    a, inf = args, math.inf
+    rules = [
+        (a.num_generations >= 2, "--num_generations must be >= 2: advantages are normalised within a group"),
+        (
+            a.prompts_per_step >= 1 and a.prompts_per_step % world_size == 0,
+            f"--prompts_per_step ({a.prompts_per_step}) must be a positive multiple of the world size ({world_size})",
+        ),
+        (
+            a.generation_batch_size >= 0 and a.generation_batch_size % a.num_generations == 0,
+            f"--generation_batch_size ({a.generation_batch_size}) must be a multiple of --num_generations (0 = all)",
+        ),
+        (0 < a.temperature < inf, "--temperature must be a number > 0 (GRPO needs distinct samples per group)"),
+        (0 < a.learning_rate < inf, "--learning_rate must be a number > 0"),
+        (0 <= a.beta < inf, "--beta must be a number >= 0 (0 skips the reference model)"),
+        (0 <= a.epsilon < 1 and 0 <= a.epsilon_high < inf, "--epsilon must be in [0, 1), --epsilon_high >= 0"),
+        (0 <= a.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (0 < a.max_grad_norm <= inf and 0 <= a.weight_decay < inf, "--max_grad_norm must be > 0, --weight_decay >= 0"),
+        (a.max_steps == -1 or a.max_steps >= 1, "--max_steps must be >= 1, or -1 for one epoch"),
+    ]
+    for name in (
+        "micro_batch_size",
+        "chunk_size",
+        "vocab_chunk_size",
+        "max_completion_length",
+        "num_iterations",
+        "max_prompt_length",
+    ):
+        rules.append((getattr(a, name) >= 1, f"--{name} must be >= 1"))
+    for name in ("save_steps", "save_total_limit", "log_completions_steps"):
+        rules.append((getattr(a, name) >= 0, f"--{name} must be >= 0"))
+    for ok, message in rules:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            die(message)
+    if a.resume and a.overwrite_output_dir:
+        die("--resume and --overwrite_output_dir contradict each other; pass one")
+    check_device(a.device)
+
+
+def check_device(device):
+    """--device cuda needs a CUDA device (training and eval.py alike)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: no CUDA device here; pass --device cpu")
+
+
+# ----------------------------------------------------------------------------- ranks and devices
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world_size` (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK;
+    plain python is one process), its device, and whether compute runs under bf16 autocast."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def __str__(self):
+        return f"{self.world_size} rank(s) on {self.device.type}{', bf16 autocast' if self.bf16 else ''}"
+
+
+def runtime_from_env(device="auto", dtype="auto"):
+    """Rank, world size and device from the environment, without touching the device."""
+    rank, world_size, local_rank = (int(os.environ.get(key, 0)) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and cuda)
+    where = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return Runtime(rank, max(world_size, 1), local_rank, where, bf16)
+
+
+def init_distributed(rt):
+    """Select the GPU and join the process group (NCCL on CUDA, gloo on CPU) when there are several ranks."""
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)
+    if rt.world_size > 1:
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+
+
+def on_first_rank(check):
+    """Run check() on rank 0 alone (a lock, a directory) and share its verdict: when it fails with one error
+    line, every rank stops with it, so no rank is left waiting on one that has exited. Before the process group
+    exists (or in one process) rank 0 just runs it."""
+    rank = int(os.environ.get("RANK", 0))
+    if not dist.is_initialized():
+        return check() if rank == 0 else None
+    verdict, result = [None], None
+    if rank == 0:
+        try:
+            result = check()
+        except SystemExit as stop:
+            verdict = [str(stop.code)]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        dist.destroy_process_group()
+        raise SystemExit(verdict[0] if rank == 0 else 1)
+    return result
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    """Sum (or max) a float or tensor over ranks; identity in a single process."""
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def gather(values):
+    """Every rank's list, concatenated (a single process: the list itself)."""
+    if not dist.is_initialized():
+        return list(values)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
+# ----------------------------------------------------------------------------- models
+def load_model(name, device):
+    """Policy + tokenizer from a hub id, a local directory, or a local .gguf file (dequantised to fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if name.endswith(".gguf"):
+        try:
+            import accelerate  # noqa: F401  (transformers needs both to read GGUF)
+            import gguf  # noqa: F401
+        except ImportError:
+            die("loading a .gguf model needs two optional packages: pip install gguf accelerate")
+        kwargs, name = {"gguf_file": os.path.basename(name)}, os.path.dirname(os.path.abspath(name))
+    elif not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        die(f"--model {name!r}: no such file or directory; pass a hub id, a local model directory or a .gguf file")
+    elif not os.path.exists(name):
+        check_hub(name, "--model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        die(f"cannot load --model {name!r} ({str(e).splitlines()[0]}); pass a hub id, a model directory or a .gguf")
+    if getattr(lm.config, "quantization_config", None) is not None:
+        # GGUF weights arrive dequantised but tagged as quantised, which save_pretrained refuses: rebuild plainly.
+        del lm.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
+        plain.load_state_dict(lm.state_dict())
+        lm = plain
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
+        die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.to(device), tokenizer
+
+
+@cache
+def hub_reachable():
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(name, flag):
+    """A hub id needs the hub, or the local cache in offline mode: fail in seconds, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
+        die(
+            f"{flag} {name!r}: the Hugging Face hub is unreachable; set HF_HUB_OFFLINE=1 to use the local cache, "
+            "or pass a local path"
+        )
+
+
+# ----------------------------------------------------------------------------- memory plan
+def memory_plan(config, n_params, args, world_size=1, bf16=True):
+    """GiB one rank needs, by what holds them, from the model's shape and the flags (an estimate, printed at
+    start): fp32 master weights, their gradients (during the update only) and AdamW's two moments; the frozen
+    reference (bf16 on GPU); the KV cache of one generation batch (prompt + completion tokens per sequence,
+    bf16 under autocast); one micro-batch's saved activations (per token and layer, under autocast: norms'
+    fp32 inputs, attention q, k, v and output, the MLP's four intermediates; with gradient checkpointing, one
+    fp32 hidden state per layer plus one layer recomputed). Peak = persistent + the larger phase."""
+    act, gib = (2 if bf16 else 4), 2**30
+    hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    sequences = args.generation_batch_size or args.prompts_per_step // world_size * args.num_generations
+    tokens = args.max_prompt_length + args.max_completion_length
+    per_layer = 8 * hidden + act * (4 * hidden + 2 * kv * head_dim + 4 * inter)  # bytes per token
+    checkpointed = layers * 4 * hidden + per_layer if args.gradient_checkpointing else layers * per_layer
+    plan = {
+        "weights (fp32)": 4 * n_params,
+        "AdamW moments": 8 * n_params,
+        "reference": (act * n_params) if args.beta > 0 or args.certainty_model == "reference" else 0,
+        "bf16 sampling copy": 2 * n_params if args.sampling_weights == "bf16" else 0,
+        "KV cache (sampling)": 2 * layers * kv * head_dim * act * sequences * tokens,
+        "gradients (update)": 4 * n_params,
+        "activations (update)": checkpointed * args.micro_batch_size * tokens,
+    }
+    plan = {key: value / gib for key, value in plan.items()}
+    persistent = plan["weights (fp32)"] + plan["AdamW moments"] + plan["reference"] + plan["bf16 sampling copy"]
+    plan["peak"] = persistent + max(
+        plan["KV cache (sampling)"], plan["gradients (update)"] + plan["activations (update)"]
+    )
+    return plan
+
+
+def check_memory(plan, rt):
+    """Print the plan (rank 0); on a device it cannot fit, one error line naming the flags that shrink it."""
+    if rt.device.type == "cuda":
+        where = torch.cuda.get_device_name(rt.device)
+        capacity = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
+    else:  # the ranks of one machine share its memory
+        where = "this machine's memory"
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / rt.world_size / 2**30
+    if rt.rank == 0:
+        parts = ", ".join(f"{key} {value:.1f}" for key, value in plan.items() if key != "peak")
+        print(f"memory plan per rank, GiB: {parts}; peak {plan['peak']:.1f} of {capacity:.1f} ({where})", flush=True)
+    if plan["peak"] > capacity:
+        die(
+            f"the memory plan ({plan['peak']:.1f} GiB per rank) exceeds {where} ({capacity:.1f} GiB): lower "
+            "--generation_batch_size (KV cache), --micro_batch_size, or add --gradient_checkpointing (activations)"
+        )

@@ -1,0 +1,181 @@
+"""A run's directory: one run per directory and its lock, trusted checkpoints, resume, metrics.jsonl."""
+
+import json
+import os
+import re
+import shutil
+from contextlib import suppress
+
+import torch
+
+from harness import process
+from harness.process import die
+
+# Flags that --resume may change.
+MAY_CHANGE_ON_RESUME = set(
+    """max_steps save_steps save_total_limit resume overwrite_output_dir device output_dir log_completions_steps
+    micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler sampling_weights report_to""".split()
+)
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints(output_dir):
+    """Paths of output_dir/checkpoint-<step>, oldest first; other folders (checkpoint-6.bak) are ignored."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT.fullmatch, names) if m)
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+class RunDirectory:
+    """One run per output directory: its metrics.jsonl and checkpoint-N/ folders, locked while the run lives.
+
+    - Built before anything loads: checks without writing that the directory is usable, holds no earlier run
+      unless --resume or --overwrite_output_dir, and is not in use by a running run.
+    - open() creates and locks it once the models have loaded, and repeats the check under the lock, so two
+      runs started on one new directory cannot both write there.
+    Checks run on rank 0 and every rank stops with its verdict (process.on_first_rank)."""
+
+    def __init__(self, path, resume, overwrite, rank=0):
+        self.path, self.resume, self.overwrite, self.rank = path, resume, overwrite, rank
+        self.metrics_path = os.path.join(path, "metrics.jsonl")
+        self.lock = None
+        process.on_first_rank(self.check)
+
+    def check(self):
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            die(f"--output_dir {self.path!r} is a file; pass a directory")
+        parent = self.path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(os.path.abspath(parent))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            die(f"--output_dir {self.path!r} is not writable; pass another directory")
+        if os.path.isdir(self.path):
+            self.lock = self.lock or lock_directory(self.path)
+            self.check_no_earlier_run()
+
+    def check_no_earlier_run(self):
+        earlier = checkpoints(self.path) or os.path.exists(self.metrics_path)
+        if earlier and not (self.resume or self.overwrite):
+            die(
+                f"--output_dir {self.path!r} holds an earlier run; pass --resume to continue it, "
+                "--overwrite_output_dir to replace it, or another directory"
+            )
+
+    def resume_point(self, args):
+        """(checkpoint path, trainer state) to continue from with --resume, else (None, None). The newest
+        readable checkpoint wins; its saved flags must equal `args` except MAY_CHANGE_ON_RESUME."""
+        if not self.resume:
+            return None, None
+        path, state = newest_readable_checkpoint(self.path, report=self.rank == 0)
+        if state is not None:
+            check_same_run(state["args"], args, MAY_CHANGE_ON_RESUME)
+        return path, state
+
+    def open(self, start_step):
+        """Create and lock the directory (rank 0); with overwrite, clear the old run; keep the metrics records up
+        to start_step."""
+
+        def create():
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                die(f"--output_dir {self.path!r} cannot be created ({e.strerror}); pass another directory")
+            if self.lock is None:
+                self.lock = lock_directory(self.path)
+                self.check_no_earlier_run()
+            if self.overwrite:
+                for path in checkpoints(self.path):
+                    shutil.rmtree(path)
+                with suppress(FileNotFoundError):
+                    os.remove(self.metrics_path)
+            restart_metrics(self.metrics_path, start_step)
+
+        process.on_first_rank(create)
+
+    def checkpoint_path(self, step):
+        return os.path.join(self.path, f"checkpoint-{step}")
+
+    def save_checkpoint(self, policy, tokenizer, trainer_state, keep):
+        """model + tokenizer (save_pretrained) and the trainer state (optimizer, scheduler, step, args).
+
+        - Written to a temporary directory unique to this process, then renamed: a crash never leaves a
+          half-written checkpoint-N, and an existing checkpoint-N is replaced only once its successor is complete.
+        - Keeps the newest `keep` checkpoints (0 = all).
+        - The caller vouches for the weights: the update step stops the run when one is not finite."""
+        final = self.checkpoint_path(trainer_state["step"])
+        tmp, old = (
+            os.path.join(self.path, f".{kind}-{os.path.basename(final)}-{os.getpid()}") for kind in ("tmp", "old")
+        )
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        for path in checkpoints(self.path)[:-keep] if keep else []:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def lock_directory(path):
+    """An exclusive lock on the directory itself (nothing is left behind), held until the process ends."""
+    import fcntl
+
+    lock = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f"--output_dir {path!r} is in use by another run; wait for it or pass another directory")
+    return lock
+
+
+def newest_readable_checkpoint(output_dir, report=True):
+    """(checkpoint path, trainer state) of the newest readable checkpoint, or (None, None). An unreadable one
+    (torn trainer_state.pt, missing or corrupt weights) is skipped with a message."""
+    from safetensors import safe_open
+
+    for path in reversed(checkpoints(output_dir)):
+        try:
+            state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+            with safe_open(os.path.join(path, "model.safetensors"), "pt") as weights:
+                for key in weights.keys():
+                    weights.get_slice(key)
+            return path, state
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not this checkpoint
+            if report:
+                print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying the one before", flush=True)
+    if checkpoints(output_dir):
+        die(f"--resume: no readable checkpoint in {output_dir!r}; pass --overwrite_output_dir to start over")
+    return None, None
+
+
+def check_same_run(saved, current, may_change):
+    """--resume continues the same run: every saved argument except those in may_change must be unchanged."""
+    changed = [k for k in saved if k not in may_change and k in current and saved[k] != current[k]]
+    if changed:
+        diffs = ", ".join(f"--{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
+        die(f"--resume would make a different run ({diffs}); restore them or pass another --output_dir")
+
+
+def all_finite(module):
+    """True if no parameter holds NaN/inf (one reduction, one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    records = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def restart_metrics(path, step):
+    """Keep the records up to `step` (those after it will be redone), rewritten atomically."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)

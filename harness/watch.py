@@ -1,0 +1,284 @@
+"""Watching a run: the step's metrics and monitors, the reward-hacking alarm, statistics, trackers, plots."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from harness.process import all_reduce, die, gather
+from harness.runs import read_metrics
+
+TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
+LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
+
+
+def mann_whitney(x, y):
+    """Mann-Whitney U of x (e.g. SC of correct answers) against y, two-sided p-value by the normal
+    approximation with tie correction and continuity correction, rank-biserial r and AUROC = U / (n1 n2)."""
+    n1, n2 = len(x), len(y)
+    if n1 == 0 or n2 == 0:
+        return None
+    values = sorted((v, g) for g, vs in ((0, x), (1, y)) for v in vs)
+    ranks, ties, i = {0: 0.0, 1: 0.0}, 0.0, 0
+    while i < len(values):  # average ranks over runs of ties
+        j = i
+        while j < len(values) and values[j][0] == values[i][0]:
+            j += 1
+        for _, g in values[i:j]:
+            ranks[g] += (i + j + 1) / 2
+        ties += (j - i) ** 3 - (j - i)
+        i = j
+    n = n1 + n2
+    u = ranks[0] - n1 * (n1 + 1) / 2
+    mu, sigma = n1 * n2 / 2, math.sqrt(n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))))
+    p = math.erfc(max(abs(u - mu) - 0.5, 0) / sigma / math.sqrt(2)) if sigma > 0 else 1.0
+    auroc = u / (n1 * n2)
+    return {"U": u, "p_value": p, "rank_biserial": 2 * auroc - 1, "auroc": auroc}
+
+
+def repeated_ngram_frac(tokens, n=4):
+    """Fraction of a completion's n-grams that already occurred earlier in it: 0 for fresh text, near 1 for a loop."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update_s, num_generations):
+    """The step's record for metrics.jsonl: means over all ranks' sequences. monitor/* watch for reward hacking
+    and collapse: token entropy, repeated 4-grams, groups whose rewards are all equal (no learning signal)
+    and, with gold answers, whether self-certainty still tells right from wrong (AUROC over the step's
+    completions) and picks winners (accuracy of each group's most self-certain completion vs the mean)."""
+    n = all_reduce(len(rollouts)).item()
+
+    def mean(values):
+        return all_reduce(float(sum(values))).item() / n
+
+    certainty = [r.self_certainty for r in rollouts]  # always the policy's own
+    lengths = [len(r.completion) for r in rollouts]
+    groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
+    record = {"step": step, "train/self_certainty": mean(certainty)}
+    record["train/self_certainty_std"] = math.sqrt(max(mean(x * x for x in certainty) - mean(certainty) ** 2, 0.0))
+    record.update({f"train/reward/{name}": mean(values.tolist()) for name, values in rewards.items()})
+    if has_gold:
+        record["train/accuracy"] = mean(r.correct for r in rollouts)
+    record["train/completion_length"] = mean(lengths)
+    record["train/completion_length_max"] = all_reduce(max(lengths), dist.ReduceOp.MAX).item()
+    record["train/truncated_frac"] = mean(r.truncated for r in rollouts)
+    record.update({f"train/{key}": value for key, value in update.items()})
+    record["monitor/entropy"] = mean(r.entropy for r in rollouts)
+    record["monitor/repeated_4gram_frac"] = mean(repeated_ngram_frac(r.completion) for r in rollouts)
+    trained = torch.stack(list(rewards.values()), 1).view(len(groups), num_generations, -1)
+    equal = (trained.amax(1) == trained.amin(1)).all(-1)  # every reward equal within the group
+    record["monitor/equal_reward_groups"] = mean(equal.tolist()) * num_generations
+    if has_gold:
+        best = [max(g, key=lambda r: r.self_certainty).correct for g in groups]
+        record["monitor/most_certain_accuracy"] = mean(best) * num_generations
+        pairs = gather((r.self_certainty, r.correct) for r in rollouts)
+        split = mann_whitney([sc for sc, ok in pairs if ok], [sc for sc, ok in pairs if not ok])
+        record["monitor/certainty_auroc"] = split["auroc"] if split else float("nan")
+    tokens_per_s = mean(lengths) * n / sample_s
+    return record | {"train/lr": lr, "perf/sample_tokens_per_s": tokens_per_s, "perf/sample_s": sample_s,
+                     "perf/update_s": update_s}  # fmt: skip
+
+
+class HackingAlarm:
+    """Watches the step records for the signatures of reward hacking (paper Fig. 7: length or repetition
+    jumps while the reward rises and accuracy, when known, falls) and of entropy collapse, comparing the
+    last `window` steps with the `window` before them. check(record) returns (1 while a signature holds, else
+    0; a one-line message when a signature first appears, else None)."""
+
+    def __init__(self, window=5, length_jump=0.25, repetition_jump=0.1, accuracy_drop=0.05, entropy_floor=0.5):
+        self.window, self.history, self.flags = window, [], [0]
+        self.length_jump, self.repetition_jump = length_jump, repetition_jump
+        self.accuracy_drop, self.entropy_floor = accuracy_drop, entropy_floor
+
+    def check(self, record):
+        self.history.append(record)
+        flag, message = self.signature(record)
+        announce = flag and not self.flags[-1]  # the same episode is flagged on every record, announced once
+        self.flags.append(flag)
+        return flag, message if announce else None
+
+    def signature(self, record):
+        w = self.window
+        if len(self.history) < 2 * w:
+            return 0, None
+        before, last = self.history[-2 * w : -w], self.history[-w:]
+
+        def change(key):
+            values = [[r[key] for r in part if key in r and math.isfinite(r[key])] for part in (before, last)]
+            return sum(values[1]) / len(values[1]) - sum(values[0]) / len(values[0]) if all(values) else None
+
+        first = [r["monitor/entropy"] for r in self.history[:w]]
+        signs = []
+        rewards = [change(k) for k in record if k.startswith("train/reward/")]
+        reward_up = any(d is not None and d > 0 for d in rewards)
+        length_before = sum(r["train/completion_length"] for r in before) / w
+        if change("train/completion_length") > self.length_jump * length_before:
+            signs.append("completion length jumped")
+        if change("monitor/repeated_4gram_frac") > self.repetition_jump:
+            signs.append("repetition jumped")
+        accuracy = change("train/accuracy")
+        hacking = signs and reward_up and (accuracy is None or accuracy < -self.accuracy_drop)
+        if hacking and accuracy is not None:
+            signs.append(f"accuracy fell by {-accuracy:.3f}")
+        collapse = sum(r["monitor/entropy"] for r in last) / w < self.entropy_floor * sum(first) / w
+        if not (hacking or collapse):
+            return 0, None
+        why = ", ".join(signs) + " while the reward rose" if hacking else ""
+        why += ("; " if why else "") + ("token entropy collapsed" if collapse else "")
+        return 1, f"ALARM step {record['step']}: {why} (reward hacking or collapse; read the completions)"
+
+
+class Watcher:
+    """What every step leaves behind: its record in metrics.jsonl (and the tracker), a console line, the alarm,
+    now and then a sample completion; at the end, the line naming the checkpoint and the plot command."""
+
+    def __init__(self, metrics_path, max_steps, rank, report_to, output_dir, config, tokenizer,
+                 log_completions_steps, has_gold, num_generations):  # fmt: skip
+        self.metrics_path, self.max_steps, self.rank, self.tokenizer = metrics_path, max_steps, rank, tokenizer
+        self.log_completions_steps, self.has_gold, self.num_generations = (
+            log_completions_steps,
+            has_gold,
+            num_generations,
+        )
+        self.alarm = HackingAlarm()
+        self.tracker = make_logger(report_to, output_dir, config) if rank == 0 else None
+
+    def record(self, step, rollouts, rewards, update, lr, sample_s, update_s):
+        """Called by every rank (the metrics are means over all ranks); rank 0 writes and prints."""
+        record = step_metrics(step, rollouts, rewards, update, lr, self.has_gold, sample_s, update_s,
+                              self.num_generations)  # fmt: skip
+        record["monitor/alarm"], warning = self.alarm.check(record)
+        if self.rank != 0:
+            return
+        log_step(self.metrics_path, record, self.max_steps, self.tracker)
+        if warning:
+            print(warning, flush=True)
+        if self.log_completions_steps and (step == 1 or step % self.log_completions_steps == 0):
+            show_completion(self.tokenizer, rollouts[0])
+
+    def done(self, final_checkpoint):
+        if self.rank == 0:
+            print(f"done: {final_checkpoint}; curves: python intuitor.py plot {self.metrics_path}", flush=True)
+
+
+def make_logger(report_to, output_dir, config):
+    """A tracker beside metrics.jsonl (which stays the source of truth): tensorboard or wandb, or None."""
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+        def to_tensorboard(record):
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, record["step"])
+            writer.flush()
+
+        return to_tensorboard
+    if report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            die("--report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works offline)")
+        run = wandb.init(project="intuitor", dir=output_dir, config=config)
+
+        def to_wandb(record):
+            run.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+
+        return to_wandb
+    return None
+
+
+def progress_bars(rank=0):
+    """Progress bars only on an interactive terminal (rank 0): in a log file their carriage returns garble lines."""
+
+    return rank == 0 and sys.stderr.isatty()
+
+
+def log_step(path, record, max_steps, logger=None):
+    """Append the step's record to metrics.jsonl (and the tracker), print its main numbers on one line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if logger is not None:
+        logger(record)
+    shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in LOG_KEYS if key in record)
+    print(f"step {record['step']}/{max_steps} | {shown}", flush=True)
+
+
+def show_completion(tokenizer, rollout):
+    text = tokenizer.decode(rollout.completion)[:1000]
+    print(f"--- sample completion (self-certainty {rollout.self_certainty:.3f}) ---\n{text}\n---", flush=True)
+
+
+PANELS = [
+    ("self-certainty", ["train/self_certainty", "train/reward/self_certainty"]),
+    ("completion length (tokens)", ["train/completion_length", "train/completion_length_max"]),
+    ("KL to initial model", ["train/kl"]),
+    ("accuracy (monitor)", ["train/accuracy", "monitor/most_certain_accuracy"]),
+    ("token entropy (nats)", ["monitor/entropy"]),
+    ("repeated 4-grams", ["monitor/repeated_4gram_frac"]),
+    ("self-certainty vs correct: AUROC", ["monitor/certainty_auroc"]),
+]
+
+
+PLOT_USAGE = "python intuitor.py plot RUN/metrics.jsonl [MORE/metrics.jsonl ...] [OUT.png] [--force]"
+
+
+def tracked_by_git(path):
+
+    where = os.path.dirname(os.path.abspath(path))
+    ls = subprocess.run(["git", "-C", where, "ls-files", "--error-unmatch", os.path.abspath(path)], capture_output=True)
+    return ls.returncode == 0
+
+
+def plot_metrics(*argv):
+    """One PNG of training curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy.
+    One run: every logged variant of each; several runs: one line per run, so methods can be compared. The
+    default OUT is the first run's metrics.png; a file tracked by git is overwritten only with --force."""
+    paths = [a for a in argv if a.endswith(".jsonl")]
+    outs = [a for a in argv if a.endswith(".png")]
+    if not paths or len(outs) > 1 or len(paths) + len(outs) + ("--force" in argv) != len(argv):
+        print(f"usage: {PLOT_USAGE}")
+        raise SystemExit(0 if set(argv) & {"-h", "--help"} else 2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        die("plotting needs matplotlib: pip install matplotlib")
+    for path in paths:
+        if not os.path.isfile(path):
+            die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl ({PLOT_USAGE})")
+    out = outs[0] if outs else os.path.splitext(paths[0])[0] + ".png"
+    if os.path.exists(out) and "--force" not in argv and tracked_by_git(out):
+        die(f"{out} is a file tracked by git; pass another OUT.png, or --force to overwrite it")
+    runs = {os.path.basename(os.path.dirname(os.path.abspath(p))) or p: read_metrics(p) for p in paths}
+    logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
+    panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
+    rows, cols = (len(panels) + 3) // 4, min(len(panels), 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for name, records in runs.items():
+            for key in keys:
+                online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
+                if key == "train/reward/self_certainty" and online:
+                    continue  # the reward is the policy's own SC, already drawn
+                steps, values = [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
+                ax.plot(steps, values, label=key.split("/", 1)[1] if len(runs) == 1 else name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return out
