@@ -77,7 +77,9 @@ class Args:
     top_k: int = arg(0, "sample from the k most likely tokens; 0 = all (the official recipes: 50)")
     top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
     sampler: Literal["eager", "static"] = arg("eager", "static: fixed-shape KV cache, a CUDA graph per step on GPU")
-    sampling_weights: Literal["autocast", "bf16"] = arg("autocast", "GPU: autocast over fp32 weights, or a bf16 copy")
+    sampling_weights: Literal["autocast", "bf16"] = arg(
+        "autocast", "bf16 runs: autocast over fp32 weights, or a bf16 copy"
+    )
     # reward (step 2)
     reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
     reward_mixing: Literal["separate", "official"] = arg(
@@ -583,6 +585,25 @@ def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, auto
     return metrics
 
 
+def freeze(model, bf16_matmuls):
+    """`model` made a frozen scorer or sampler (the reference, the bf16 sampling copy), in place; with
+    bf16_matmuls, its matrix multiplications hold bf16 weights and everything else stays fp32.
+
+    - Under bf16 autocast that computes exactly what the fp32 policy computes: autocast rounds the policy's
+      nn.Linear weights (and biases) to the same bf16 numbers, and the embedding, the norms and the RoPE
+      frequencies are fp32 in both. So at step 0 the KL to the reference is 0, and rollouts sampled from the
+      copy carry the self-certainty of the policy being trained.
+    - A blanket .to(bf16) would round RoPE's inv_freq (phase errors of radians at position 3000) and run the
+      norms and the residual stream in bf16: a different model.
+    - An lm_head tied to the input embedding stays fp32 with it."""
+    model.requires_grad_(False).eval()
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules() if bf16_matmuls else []:
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
+            module.to(torch.bfloat16)
+    return model
+
+
 @torch.no_grad()
 def copy_weights(source, target):
     """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype."""
@@ -729,7 +750,7 @@ def setup(args):
     the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every check
     that can fail runs before any model loads."""
     rt = process.runtime_from_env(args.device, args.dtype)
-    process.check_train_args(args, rt.world_size)
+    process.check_train_args(args, rt)
     reward_weights = parse_reward(args.reward)
     process.init_distributed(rt)  # first, so that a check failing on rank 0 alone stops every rank (on_first_rank)
     run_dir = runs.RunDirectory(args.output_dir, args.resume, args.overwrite_output_dir, rank=rt.rank)
@@ -749,11 +770,11 @@ def setup(args):
     ref_scorer = None
     if args.beta > 0 or args.certainty_model == "reference":  # the initial model, also when resuming
         ref = process.load_model(args.model, rt.device)[0] if checkpoint else copy.deepcopy(policy)
-        ref.requires_grad_(False).eval().to(torch.bfloat16 if rt.bf16 else torch.float32)
-        ref_scorer = CompletionLogProbs(ref, args.temperature, args.chunk_size, args.vocab_chunk_size)
+        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16), args.temperature, args.chunk_size,
+                                        args.vocab_chunk_size)  # fmt: skip
     sampling_policy = policy
-    if args.sampling_weights == "bf16":  # GPU option: sample from a bf16 copy, refreshed after every update
-        sampling_policy = copy.deepcopy(policy).requires_grad_(False).eval().to(torch.bfloat16)
+    if args.sampling_weights == "bf16":  # sample from a bf16 copy, refreshed after every update
+        sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True)
     optimizer, scheduler = make_optimizer(policy, args, max_steps * args.num_iterations, state)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,9 +39,9 @@ def parse_flags(dataclass_type, argv, epilog=None):
     return args
 
 
-def check_train_args(args, world_size):
+def check_train_args(args, rt):
     """Every flag checked before anything loads; the first one out of range ends the run with one line."""
-    a, inf = args, math.inf
+    a, inf, world_size = args, math.inf, rt.world_size
     rules = [
         (a.num_generations >= 2, "--num_generations must be >= 2: advantages are normalised within a group"),
         (
@@ -59,6 +59,10 @@ def check_train_args(args, world_size):
         (0 <= a.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
         (0 < a.max_grad_norm <= inf and 0 <= a.weight_decay < inf, "--max_grad_norm must be > 0, --weight_decay >= 0"),
         (a.max_steps == -1 or a.max_steps >= 1, "--max_steps must be >= 1, or -1 for one epoch"),
+        (
+            a.sampling_weights != "bf16" or rt.bf16,
+            "--sampling_weights bf16 samples under bf16 autocast: run on CUDA or pass --dtype bfloat16",
+        ),
     ]
     for name in (
         "micro_batch_size",
@@ -218,35 +222,62 @@ def check_hub(name, flag):
 
 
 # ----------------------------------------------------------------------------- memory plan
+def saved_bytes_per_token_and_layer(config, bf16):
+    """Bytes one token leaves saved for backward in one decoder layer (SDPA attention), as measured with
+    torch.autograd.graph.saved_tensors_hooks on Qwen2 shapes (tests/test_gpu_paths.py measures it again).
+
+    Under bf16 autocast: 30 h = the two RMSNorms' fp32 inputs and outputs (16 h) + the bf16 casts of every
+    projection's input (q, k, v and gate, up each cast separately, o: 12 h) + the bf16 query (2 h); 4 kv hd =
+    keys and values; 8 inter = the MLP's gate, up, activation and product; 4 per head = attention's fp32
+    logsumexp; 8 = the norms' fp32 inverse RMS. In fp32 the casts go and everything doubles: 32 h + 8 kv hd +
+    16 inter + the same small terms."""
+    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    act = 2 if bf16 else 4
+    return (30 if bf16 else 32) * hidden + 2 * act * kv * head_dim + 4 * act * inter + 4 * heads + 8
+
+
 def memory_plan(config, n_params, args, world_size=1, bf16=True):
-    """GiB one rank needs, by what holds them, from the model's shape and the flags (an estimate, printed at
-    start): fp32 master weights, their gradients (during the update only) and AdamW's two moments; the frozen
-    reference (bf16 on GPU); the KV cache of one generation batch (prompt + completion tokens per sequence,
-    bf16 under autocast); one micro-batch's saved activations (per token and layer, under autocast: norms'
-    fp32 inputs, attention q, k, v and output, the MLP's four intermediates; with gradient checkpointing, one
-    fp32 hidden state per layer plus one layer recomputed). Peak = persistent + the larger phase."""
+    """GiB one rank needs, by what holds them, from the model's shape and the flags (printed at start).
+
+    - Always: fp32 master weights and AdamW's two moments; the frozen reference and the bf16 sampling copy
+      when used (bf16 matmul weights, fp32 embedding: see intuitor.freeze; fp32 without bf16).
+    - Sampling: the KV cache of one generation batch (prompt + completion tokens per sequence); under autocast
+      the bf16 copies it makes of the policy's weights (2 bytes a parameter), unless sampling from the copy.
+    - Update: fp32 gradients; autocast's bf16 weight copies; one micro-batch's saved activations
+      (saved_bytes_per_token_and_layer; with gradient checkpointing, one fp32 hidden state per layer plus one
+      layer recomputed); for a head tied to the input embedding, the embedding's dense V x H fp32 gradient.
+    Peak = persistent + the larger phase. CUDA context and allocator slack come on top."""
     act, gib = (2 if bf16 else 4), 2**30
-    hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    embedding = getattr(config, "vocab_size", 0) * hidden
+    tied = getattr(config, "tie_word_embeddings", False)
     sequences = args.generation_batch_size or args.prompts_per_step // world_size * args.num_generations
     tokens = args.max_prompt_length + args.max_completion_length
-    per_layer = 8 * hidden + act * (4 * hidden + 2 * kv * head_dim + 4 * inter)  # bytes per token
+    per_layer = saved_bytes_per_token_and_layer(config, bf16)
     checkpointed = layers * 4 * hidden + per_layer if args.gradient_checkpointing else layers * per_layer
+    frozen_copy = 2 * n_params + 2 * embedding if bf16 else 4 * n_params  # bf16 matmuls, fp32 embedding
+    sampling_copy = args.sampling_weights == "bf16"
     plan = {
         "weights (fp32)": 4 * n_params,
         "AdamW moments": 8 * n_params,
-        "reference": (act * n_params) if args.beta > 0 or args.certainty_model == "reference" else 0,
-        "bf16 sampling copy": 2 * n_params if args.sampling_weights == "bf16" else 0,
+        "reference": frozen_copy if args.beta > 0 or args.certainty_model == "reference" else 0,
+        "bf16 sampling copy": frozen_copy if sampling_copy else 0,
         "KV cache (sampling)": 2 * layers * kv * head_dim * act * sequences * tokens,
+        "autocast weight copies (sampling)": 2 * n_params if bf16 and not sampling_copy else 0,
         "gradients (update)": 4 * n_params,
+        "autocast weight copies (update)": 2 * n_params if bf16 else 0,
         "activations (update)": checkpointed * args.micro_batch_size * tokens,
+        "tied embedding gradient (update)": 4 * embedding if tied else 0,
     }
     plan = {key: value / gib for key, value in plan.items()}
     persistent = plan["weights (fp32)"] + plan["AdamW moments"] + plan["reference"] + plan["bf16 sampling copy"]
-    plan["peak"] = persistent + max(
-        plan["KV cache (sampling)"], plan["gradients (update)"] + plan["activations (update)"]
-    )
+    sampling = sum(value for key, value in plan.items() if key.endswith("(sampling)"))
+    update = sum(value for key, value in plan.items() if key.endswith("(update)"))
+    plan["peak"] = persistent + max(sampling, update)
     return plan
 
 

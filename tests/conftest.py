@@ -63,12 +63,11 @@ def make_model(tokenizer, seed=0, head_scale=1.0, **overrides):
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **overrides,
+        **({"tie_word_embeddings": False} | overrides),
     )
     lm = Qwen2ForCausalLM(config)
     with torch.no_grad():  # a random tiny model is near-uniform; a larger head makes it opinionated
-        lm.lm_head.weight.mul_(head_scale)
+        lm.lm_head.weight.mul_(head_scale)  # (tied: the embedding with it)
     return lm.eval()
 
 
@@ -82,6 +81,15 @@ def tiny_dir(tmp_path_factory, tokenizer):
     """A saved tiny model directory, loadable by intuitor.py --model."""
     path = str(tmp_path_factory.mktemp("tiny"))
     make_model(tokenizer, head_scale=8.0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tied_dir(tmp_path_factory, tokenizer):
+    """The same, with the lm_head tied to the input embedding (as Qwen2.5 up to 3B and SmolLM2 are)."""
+    path = str(tmp_path_factory.mktemp("tied"))
+    make_model(tokenizer, head_scale=8.0, tie_word_embeddings=True).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -56,6 +56,27 @@ def test_mixing_matches_hand_computation():
     assert torch.allclose(only_logged, I.group_advantages(rewards["self_certainty"], 3))
 
 
+def test_official_mixing_matches_hand_computation():
+    """The official trainer: the weighted sum of the non-SC rewards is normalised once; SC, normalised alone, is
+    added at its weight. One non-SC reward's weight then cancels: 0.5 * acc normalises like acc (up to eps)."""
+    rewards = {
+        "self_certainty": torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0]),
+        "accuracy": torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
+        "plurality": torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+    }
+    # 0.5 * acc = .5, 0, 0 -> mean 1/6, std .288675 -> (1/3, -1/6, -1/6) / .288775 = (1.154301, -.577150, -.577150)
+    adv = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3, mixing="official")
+    expected = [-1 / 1.0001 + 1.154301, -0.577150, 1 / 1.0001 - 0.577150, 0, 0, 0]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-5)
+    # acc + plurality = 1, 1, 1 in group 1: the sum carries no signal, so only SC moves it; group 2: 2, 1, 1
+    # -> mean 4/3, std .57735 -> (2/3, -1/3, -1/3) / .57745 (SC is all-equal there)
+    adv = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 1.0, "plurality": 1.0}, 3, "official")
+    expected = [-1 / 1.0001, 0, 1 / 1.0001, 1.154501, -0.577250, -0.577250]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-5)
+    separate = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3)
+    assert separate[1].item() == pytest.approx(0.5 * -0.577250, abs=1e-5)  # the default rule keeps the weight
+
+
 def test_offline_self_certainty_and_entropy_match_full_forward(tokenizer):
     policy, reference = make_model(tokenizer, seed=3, head_scale=4.0), make_model(tokenizer, seed=9, head_scale=6.0)
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4. Then x^2 is")]

@@ -49,12 +49,14 @@ def test_two_ranks_stay_bit_identical(tiny_dir, tmp_path):
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # rank 0 alone writes
 
 
-@pytest.mark.parametrize("loss_type", ["token", "grpo"])
-def test_one_step_from_fixed_rollouts_equals_single_process(tiny_dir, tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,head", [("token", "untied"), ("grpo", "untied"), ("token", "tied")])
+def test_one_step_from_fixed_rollouts_equals_single_process(tiny_dir, tied_dir, tmp_path, loss_type, head):
+    """Tied: the streamed head's gradient and the embedding's dense one meet in one .grad, reduced once."""
+    model = tied_dir if head == "tied" else tiny_dir
     os.environ["LOSS_TYPE"] = loss_type
     try:
-        torchrun(1, WORKER, "update", str(tmp_path / "w1.pt"), tiny_dir)
-        torchrun(2, WORKER, "update", str(tmp_path / "w2.pt"), tiny_dir)
+        torchrun(1, WORKER, "update", str(tmp_path / "w1.pt"), model)
+        torchrun(2, WORKER, "update", str(tmp_path / "w2.pt"), model)
     finally:
         del os.environ["LOSS_TYPE"]
     w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
@@ -92,3 +94,29 @@ def test_prompts_per_step_must_divide_by_world_size(tiny_dir, tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("error: --prompts_per_step (3) must be a positive multiple of the world size (2)") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_check_failing_on_rank_0_alone_stops_every_rank(tiny_dir, tmp_path):
+    """The output directory is checked (and locked) by rank 0 alone. Launched without torchrun, which would kill
+    the survivors: rank 1 must learn the verdict and stop, not wait for a rank that has exited."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "file").write_text("not a directory")
+    argv = [sys.executable, os.path.join(ROOT, "intuitor.py"), *train_args(tiny_dir, tmp_path / "file")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
+    ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]  # fmt: skip
+    try:
+        errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [1, 1]
+    assert errors[0].strip() == f"error: --output_dir {str(tmp_path / 'file')!r} is a file; pass a directory"
+    assert "error:" not in errors[1]

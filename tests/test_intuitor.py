@@ -108,6 +108,28 @@ def test_streamed_weight_gradient_accumulates_in_place_with_tied_embeddings():
     assert incoming == [(0, 0), (0, 0)] and head.grad.abs().sum() > 0
 
 
+def test_tied_head_model_gradients_through_the_streamed_head_match_full_logits(tokenizer):
+    """A whole tied model (lm_head = input embedding): every parameter's gradient through CompletionLogProbs equals
+    autograd through full logits, over two micro-batches accumulated in one .grad."""
+    import copy
+
+    lm = make_model(tokenizer, seed=5, head_scale=2.0, tie_word_embeddings=True)
+    assert lm.lm_head.weight is lm.get_input_embeddings().weight
+    twin = copy.deepcopy(lm).double()
+    rollouts = [I.Rollout(tokenizer(t).input_ids, c, 0.0, 0.0, False) for t, c in
+                (("What is 2 + 3?", [5, 9, 11]), ("x", [7, 8]), ("Let x = 4.", [3, 4, 5, 6]))]  # fmt: skip
+    scorer = I.CompletionLogProbs(lm, 0.7, chunk_size=3, vocab_chunk=50)
+    for part in (rollouts[:2], rollouts[2:]):
+        batch = I.collate(part, tokenizer.pad_token_id, "cpu")
+        (scorer(*batch) * batch.completion_mask).sum().backward()
+        ids, mask, n_prompt, cmask = batch
+        logits = twin(input_ids=ids, attention_mask=mask, position_ids=I.positions(mask)).logits[:, n_prompt - 1 : -1]
+        logp = torch.log_softmax(logits / 0.7, -1).gather(2, ids[:, n_prompt:, None]).squeeze(2)
+        (logp * cmask).sum().backward()
+    for (name, p), q in zip(lm.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------- sampling: alignment, padding, EOS
 def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokenizer):
     lm = make_model(tokenizer, seed=3, head_scale=4.0)
