@@ -114,6 +114,9 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward")
     dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto = cuda when available")
+    parallel: Literal["ddp", "fsdp"] = arg(
+        "ddp", "several ranks: replicate the weights (DDP) or shard weights, gradients and AdamW state (FSDP2)"
+    )
 
 
 # ----------------------------------------------------------------------------- 1. sampling
@@ -516,13 +519,14 @@ class UpdateConfig:
 
 
 def make_optimizer(policy, args, total_steps, state=None):
-    """AdamW with linear warmup then cosine decay over total_steps optimizer steps; resumed from `state`."""
+    """AdamW with linear warmup then cosine decay over total_steps optimizer steps; resumed from `state` (whose
+    optimizer state is full and keyed by parameter name, so it loads into replicated or sharded weights)."""
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        process.load_full_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return optimizer, scheduler
 
@@ -557,9 +561,7 @@ def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, auto
     metrics = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_updates=0)
     for _ in range(c.num_iterations):
         for j, (_, batch) in enumerate(batches):
-            last = j == len(batches) - 1
-            sync = nullcontext() if last or not hasattr(policy_scorer, "no_sync") else policy_scorer.no_sync()
-            with sync, autocast():
+            with reduce_gradients(policy_scorer, j == len(batches) - 1), autocast():
                 logp = policy_scorer(*batch)
                 old_logp = old_logps[j] if old_logps[j] is not None else logp.detach()
                 ref_logp = ref_logps[j] if ref_logps[j] is not None else logp.detach()
@@ -604,11 +606,22 @@ def freeze(model, bf16_matmuls):
     return model
 
 
+def reduce_gradients(policy_scorer, last):
+    """Gradients are reduced across ranks once per optimizer step, on its last micro-batch; before it, each rank
+    accumulates its own. DDP: no_sync(); FSDP2: set_requires_gradient_sync. A context for the micro-batch."""
+    if hasattr(policy_scorer, "no_sync"):
+        return nullcontext() if last else policy_scorer.no_sync()
+    if hasattr(policy_scorer, "set_requires_gradient_sync"):
+        policy_scorer.set_requires_gradient_sync(last)
+    return nullcontext()
+
+
 @torch.no_grad()
 def copy_weights(source, target):
-    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype."""
+    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype. A sharded
+    (FSDP2) parameter is gathered one at a time: every rank calls this, and never holds more than one in full."""
     for dst, src in zip(target.parameters(), source.parameters(), strict=True):
-        dst.copy_(src)
+        dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -663,11 +676,13 @@ def sample_step(run, prompts):
     prompts_per_call = a.generation_batch_size // a.num_generations or len(prompts)
     rollouts = []
     run.policy.eval()
-    for i in range(0, len(prompts), prompts_per_call):
-        ids = [p.ids for p in prompts[i : i + prompts_per_call]]
-        with run.rt.autocast():
-            rollouts += sampler(run.sampling_policy, ids, a.num_generations, a.max_completion_length,
-                                a.temperature, run.stop_ids, pad_id, a.top_k, a.top_p)  # fmt: skip
+    # FSDP2 without a sampling copy: full weights for the phase, so that ranks decode independently
+    with process.unsharded(run.policy_scorer) if run.sampling_policy is run.policy else nullcontext():
+        for i in range(0, len(prompts), prompts_per_call):
+            ids = [p.ids for p in prompts[i : i + prompts_per_call]]
+            with run.rt.autocast():
+                rollouts += sampler(run.sampling_policy, ids, a.num_generations, a.max_completion_length,
+                                    a.temperature, run.stop_ids, pad_id, a.top_k, a.top_p)  # fmt: skip
     return rollouts
 
 
@@ -692,7 +707,7 @@ def update_step(run, rollouts, step):
     run.skipped_in_a_row = run.skipped_in_a_row + 1 if update["skipped_updates"] else 0
     if run.skipped_in_a_row >= 3:
         die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
-    if not runs.all_finite(run.policy):  # a finite gradient, too large a step
+    if not process.all_finite(run.policy):  # a finite gradient, too large a step
         die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
     if run.sampling_policy is not run.policy:
         copy_weights(run.policy, run.sampling_policy)
@@ -704,9 +719,10 @@ def checkpoint_step(run, step):
     a = run.args
     if not ((a.save_steps and step % a.save_steps == 0) or step == run.max_steps):
         return
+    weights, optimizer = process.full_state_dicts(run.policy, run.optimizer)  # gathered on rank 0 (FSDP2 shards)
     if run.rt.rank == 0:
-        state = dict(step=step, optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict())
-        run.run_dir.save_checkpoint(run.policy, run.tokenizer, state | {"args": asdict(a)}, a.save_total_limit)
+        state = dict(step=step, optimizer=optimizer, scheduler=run.scheduler.state_dict(), args=asdict(a))
+        run.run_dir.save_checkpoint(run.policy, run.tokenizer, state, a.save_total_limit, weights)
     if run.rt.world_size > 1:
         dist.barrier()
 
@@ -752,14 +768,16 @@ def setup(args):
     rt = process.runtime_from_env(args.device, args.dtype)
     process.check_train_args(args, rt)
     reward_weights = parse_reward(args.reward)
-    process.init_distributed(rt)  # first, so that a check failing on rank 0 alone stops every rank (on_first_rank)
+    # first, so that a check failing on rank 0 alone stops every rank (process.on_first_rank)
+    process.init_distributed(rt, always=args.parallel == "fsdp")
     run_dir = runs.RunDirectory(args.output_dir, args.resume, args.overwrite_output_dir, rank=rt.rank)
     checkpoint, state = run_dir.resume_point(asdict(args))
     need_gold = "accuracy" in reward_weights
     rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
                                                   args.answer_column, need_gold=need_gold)  # fmt: skip
 
-    policy, tokenizer = process.load_model(checkpoint or args.model, rt.device)
+    model_device = torch.device("cpu") if args.parallel == "fsdp" else rt.device  # FSDP2 moves the shards there
+    policy, tokenizer = process.load_model(checkpoint or args.model, model_device)
     n_params = sum(p.numel() for p in policy.parameters())
     process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
     prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
@@ -767,23 +785,26 @@ def setup(args):
         die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
     max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
 
+    sharded, tiles = args.parallel == "fsdp", (args.temperature, args.chunk_size, args.vocab_chunk_size)
     ref_scorer = None
     if args.beta > 0 or args.certainty_model == "reference":  # the initial model, also when resuming
-        ref = process.load_model(args.model, rt.device)[0] if checkpoint else copy.deepcopy(policy)
-        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16), args.temperature, args.chunk_size,
-                                        args.vocab_chunk_size)  # fmt: skip
+        ref = process.load_model(args.model, model_device)[0] if checkpoint else copy.deepcopy(policy)
+        # sharded: fp32 shards under autocast (4 bytes / world size a parameter); else bf16 matmul weights
+        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16 and not sharded), *tiles, sharded)
     sampling_policy = policy
-    if args.sampling_weights == "bf16":  # sample from a bf16 copy, refreshed after every update
-        sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True)
-    optimizer, scheduler = make_optimizer(policy, args, max_steps * args.num_iterations, state)
+    if args.sampling_weights == "bf16":  # sample from a full bf16 copy on every rank, refreshed after every update
+        sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True).to(rt.device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_scorer = CompletionLogProbs(policy, args.temperature, args.chunk_size, args.vocab_chunk_size)
-    if rt.world_size > 1:
+    policy_scorer = CompletionLogProbs(policy, *tiles, sharded)
+    if sharded:  # FSDP2: weights, gradients and AdamW state sharded per decoder layer, on the GPU
+        policy_scorer, ref_scorer = process.shard(policy_scorer, rt), ref_scorer and process.shard(ref_scorer, rt)
+    elif rt.world_size > 1:
         device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
         policy_scorer = torch.nn.parallel.DistributedDataParallel(
             policy_scorer, device_ids=device_ids, broadcast_buffers=False
         )
+    optimizer, scheduler = make_optimizer(policy, args, max_steps * args.num_iterations, state)
 
     start_step = state["step"] if state else 0
     run_dir.open(start_step)
@@ -862,18 +883,22 @@ def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, v
 class StreamedLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
 
-    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and, for the model's fp32
-    weight, into W.grad itself: autograd gets a stride-0 zero, and DDP's hooks still fire through autograd. One
-    tile of logits at most. For an untied head no second full-size weight gradient exists; a head tied to the
-    input embedding (Qwen2.5 up to 3B, SmolLM2) still gets the embedding's dense V x H gradient from autograd,
-    which joins the streamed one in the same .grad."""
+    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and into a weight gradient;
+    one tile of logits at most, in both directions.
+
+    - Replicated weights (one process, DDP; `into_weight_grad`): the tiles go straight into the fp32 parameter's
+      .grad and autograd gets a stride-0 zero, so for an untied head no second full-size weight gradient exists
+      (DDP's hooks still fire through autograd). A head tied to the input embedding (Qwen2.5 up to 3B, SmolLM2)
+      still gets the embedding's dense V x H gradient from autograd, which joins the streamed one in .grad.
+    - Sharded weights (FSDP2): the weight is the unsharded copy FSDP lends the module for this pass, and its
+      gradient must go back through autograd for FSDP to reduce-scatter it: one V x H fp32 tensor, returned."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk):
+    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk, into_weight_grad=True):
         chunks = zip(h.split(chunk_size), targets.split(chunk_size))
         per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
         ctx.save_for_backward(h, weight, targets, torch.cat([s["lse"] for s in per_chunk]))
-        ctx.tiles = temperature, chunk_size, vocab_chunk
+        ctx.tiles, ctx.into_weight_grad = (temperature, chunk_size, vocab_chunk), into_weight_grad
         # backward recomputes the logits under the forward's autocast state, or p = exp(z - lse) drifts; under
         # bf16 autocast its gradient matmuls run in bf16 too, accumulated into fp32 grad_h and W.grad
         ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
@@ -885,7 +910,7 @@ class StreamedLogProbs(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk = ctx.tiles
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        into_grad = weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
+        into_grad = ctx.into_weight_grad and weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
         if into_grad and weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         grad_w = weight.grad if into_grad else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
@@ -901,19 +926,20 @@ class StreamedLogProbs(torch.autograd.Function):
                     grad_h[i : i + chunk_size] += dz @ w.float()
                     grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
         grad_w = weight.new_zeros(()).expand(weight.shape) if into_grad else grad_w.to(weight.dtype)
-        return grad_h.to(h.dtype), grad_w, None, None, None, None
+        return grad_h.to(h.dtype), grad_w, None, None, None, None, None
 
 
 class CompletionLogProbs(torch.nn.Module):
     """Wraps a causal LM so that forward(*Batch) returns completion-token statistics from hidden states.
 
     The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
-    scored from column n_prompt + i - 1. DDP wraps this module, so its gradient hooks see the streamed
-    lm_head. With grad enabled it returns log-probs (B, C); without, a dict that adds SC and entropy."""
+    scored from column n_prompt + i - 1. DDP wraps this module and FSDP2 shards it (its own parameters, the
+    embedding, final norm and lm_head, form the root unit), so their hooks see the streamed lm_head. With grad
+    enabled it returns log-probs (B, C); without, a dict that adds SC and entropy."""
 
-    def __init__(self, lm, temperature, chunk_size, vocab_chunk):
+    def __init__(self, lm, temperature, chunk_size, vocab_chunk, sharded=False):
         super().__init__()
-        self.lm, self.tiles = lm, (temperature, chunk_size, vocab_chunk)
+        self.lm, self.tiles, self.sharded = lm, (temperature, chunk_size, vocab_chunk), sharded
 
     def forward(self, ids, attention_mask, n_prompt, completion_mask):
         pos = positions(attention_mask)
@@ -927,7 +953,7 @@ class CompletionLogProbs(torch.nn.Module):
             return zeros.masked_scatter(completion_mask, values.float())
 
         if torch.is_grad_enabled():
-            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.tiles))
+            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.tiles, not self.sharded))
         return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.tiles).items()}
 
 

@@ -63,6 +63,14 @@ def check_train_args(args, rt):
             a.sampling_weights != "bf16" or rt.bf16,
             "--sampling_weights bf16 samples under bf16 autocast: run on CUDA or pass --dtype bfloat16",
         ),
+        (
+            a.parallel != "fsdp" or a.sampler == "eager" or a.sampling_weights == "bf16",
+            "--parallel fsdp --sampler static samples from a full copy: add --sampling_weights bf16",
+        ),
+        (
+            a.parallel != "fsdp" or "MASTER_ADDR" in os.environ,
+            "--parallel fsdp runs under torchrun: torchrun --nproc_per_node=N intuitor.py --parallel fsdp ...",
+        ),
     ]
     for name in (
         "micro_batch_size",
@@ -117,11 +125,12 @@ def runtime_from_env(device="auto", dtype="auto"):
     return Runtime(rank, max(world_size, 1), local_rank, where, bf16)
 
 
-def init_distributed(rt):
-    """Select the GPU and join the process group (NCCL on CUDA, gloo on CPU) when there are several ranks."""
+def init_distributed(rt, always=False):
+    """Select the GPU and join the process group (NCCL on CUDA, gloo on CPU) when there are several ranks (or
+    `always`: FSDP2 needs one even for a single rank)."""
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
-    if rt.world_size > 1:
+    if rt.world_size > 1 or always:
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
 
 
@@ -248,6 +257,9 @@ def memory_plan(config, n_params, args, world_size=1, bf16=True):
     - Update: fp32 gradients; autocast's bf16 weight copies; one micro-batch's saved activations
       (saved_bytes_per_token_and_layer; with gradient checkpointing, one fp32 hidden state per layer plus one
       layer recomputed); for a head tied to the input embedding, the embedding's dense V x H fp32 gradient.
+    With --parallel fsdp, weights, gradients, AdamW state and the (fp32) reference are sharded over the ranks;
+    sampling gathers the full fp32 weights for the phase (or reads the full bf16 sampling copy); the update holds
+    the root unit (embedding, lm_head) and two decoder layers unsharded, with their gradients, at a time.
     Peak = persistent + the larger phase. CUDA context and allocator slack come on top."""
     act, gib = (2 if bf16 else 4), 2**30
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -273,6 +285,18 @@ def memory_plan(config, n_params, args, world_size=1, bf16=True):
         "activations (update)": checkpointed * args.micro_batch_size * tokens,
         "tied embedding gradient (update)": 4 * embedding if tied else 0,
     }
+    if args.parallel == "fsdp":
+        root = embedding * (1 if tied else 2)  # the root unit: embedding and lm_head (norms are negligible)
+        layer = (n_params - root) / layers
+        plan.update({
+            "weights (fp32)": 4 * n_params / world_size,
+            "AdamW moments": 8 * n_params / world_size,
+            "reference": 4 * n_params / world_size if plan["reference"] else 0,
+            "unsharded weights (sampling)": 0 if sampling_copy else 4 * n_params * (world_size - 1) / world_size,
+            "gradients (update)": 4 * n_params / world_size,
+            "autocast weight copies (update)": 2 * (root + 2 * layer) if bf16 else 0,
+            "unsharded units in flight (update)": 8 * (root + 2 * layer),  # weights and their gradients
+        })  # fmt: skip
     plan = {key: value / gib for key, value in plan.items()}
     persistent = plan["weights (fp32)"] + plan["AdamW moments"] + plan["reference"] + plan["bf16 sampling copy"]
     sampling = sum(value for key, value in plan.items() if key.endswith("(sampling)"))
@@ -297,3 +321,72 @@ def check_memory(plan, rt):
             f"the memory plan ({plan['peak']:.1f} GiB per rank) exceeds {where} ({capacity:.1f} GiB): lower "
             "--generation_batch_size (KV cache), --micro_batch_size, or add --gradient_checkpointing (activations)"
         )
+
+
+# ----------------------------------------------------------------------------- sharding (FSDP2)
+def shard(scorer, rt):
+    """FSDP2 over a CompletionLogProbs: each decoder layer is one unit (its weights all-gathered for its forward
+    and backward, its gradients reduce-scattered), the scorer the root unit (embedding, final norm, lm_head).
+    Weights stay fp32 shards (AdamW's master copy); compute runs under the run's autocast, as with DDP, so every
+    rank computes what one process would. Shards move to the run's device."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = scorer.lm.base_model.layers
+    for layer in layers:
+        fully_shard(layer, mesh=device_mesh(rt))
+    fully_shard(scorer, mesh=device_mesh(rt))
+    scorer._get_fsdp_state()._lazy_init()  # the root first, before any forward runs through a layer alone
+    return scorer
+
+
+def device_mesh(rt):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(rt.device.type, (rt.world_size,))
+
+
+class unsharded:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """FSDP2: every unit's full weights, all-gathered once, kept for the whole block (sampling: each rank decodes
+    a different number of steps, so no per-step collective could be matched across ranks), then resharded.
+    The full fp32 weights are counted by the memory plan. A no-op for replicated weights."""
+
+    def __init__(self, scorer):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.units = [m for m in scorer.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+
+    def __exit__(self, *exc):
+        for unit in self.units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not self.units[0], recurse=False)  # the root keeps its own
+
+
+def full_state_dicts(policy, optimizer):
+    """The policy's weights and AdamW state, full and keyed by parameter name, on rank 0's CPU (sharded weights
+    are gathered; every rank must call this). Empty on other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(policy, optimizer, options=options)
+
+
+def load_full_optimizer_state(policy, optimizer, state):
+    """Load a full, name-keyed AdamW state into replicated or sharded weights (each rank keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    sharded = any(hasattr(p, "to_local") for p in policy.parameters())  # full -> shards; replicated: as is
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=sharded))
+
+
+def all_finite(module):
+    """True on every rank if no parameter (or shard of one) holds NaN/inf: one reduction, one device sync."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)

@@ -15,7 +15,8 @@ from harness.process import die
 # sets the length of the cosine schedule, so a resumed run with another --max_steps would train on another one.
 MAY_CHANGE_ON_RESUME = set(
     """save_steps save_total_limit resume overwrite_output_dir device output_dir log_completions_steps
-    micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler sampling_weights report_to""".split()
+    micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler sampling_weights report_to
+    parallel""".split()
 )
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -96,8 +97,9 @@ class RunDirectory:
     def checkpoint_path(self, step):
         return os.path.join(self.path, f"checkpoint-{step}")
 
-    def save_checkpoint(self, policy, tokenizer, trainer_state, keep):
-        """model + tokenizer (save_pretrained) and the trainer state (optimizer, scheduler, step, args).
+    def save_checkpoint(self, policy, tokenizer, trainer_state, keep, weights=None):
+        """model + tokenizer (save_pretrained, from the full `weights` when given) and the trainer state
+        (optimizer, scheduler, step, args).
 
         - Written to a temporary directory unique to this process, then renamed: a crash never leaves a
           half-written checkpoint-N, and an existing checkpoint-N is replaced only once its successor is complete.
@@ -107,7 +109,7 @@ class RunDirectory:
         tmp, old = (
             os.path.join(self.path, f".{kind}-{os.path.basename(final)}-{os.getpid()}") for kind in ("tmp", "old")
         )
-        policy.save_pretrained(tmp)
+        policy.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):
@@ -156,11 +158,6 @@ def check_same_run(saved, current, may_change):
     if changed:
         diffs = ", ".join(f"--{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
         die(f"--resume would make a different run ({diffs}); restore them or pass another --output_dir")
-
-
-def all_finite(module):
-    """True if no parameter holds NaN/inf (one reduction, one device sync)."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
 
 
 def read_metrics(path):

@@ -411,31 +411,54 @@ def grading(args):
 
 # ----------------------------------------------------------------------------- 5. memory plan
 def plan(args):
-    """process.memory_plan at the paper's per-rank shape (8 ranks: 16 prompts x 7 sequences of 512 + 3072 tokens,
-    beta 0.005) for Qwen2.5-1.5B and -3B, from their published shapes; nothing is loaded or run."""
+    """process.memory_plan at the paper's shape (128 prompts x 7 sequences of 512 + 3072 tokens per step, beta
+    0.005, bf16 autocast) for Qwen2.5-1.5B, 3B, 7B and 14B from their published shapes, DDP and FSDP2, on 8 ranks
+    (14B also on 16: two nodes); nothing is loaded or run."""
     from types import SimpleNamespace
 
-    shapes = {  # parameters, hidden, layers, MLP, query heads, KV heads (both tie the head to the embedding)
-        "Qwen2.5-1.5B": (1_543_714_304, 1536, 28, 8960, 12, 2),
-        "Qwen2.5-3B": (3_085_938_688, 2048, 36, 11008, 16, 2),
+    shapes = {  # parameters, hidden, layers, MLP, query heads, KV heads, vocabulary, head tied to the embedding
+        "Qwen2.5-1.5B": (1_543_714_304, 1536, 28, 8960, 12, 2, 151936, True),
+        "Qwen2.5-3B": (3_085_938_688, 2048, 36, 11008, 16, 2, 151936, True),
+        "Qwen2.5-7B": (7_615_616_512, 3584, 28, 18944, 28, 4, 152064, False),
+        "Qwen2.5-14B": (14_770_033_664, 5120, 48, 13824, 40, 8, 152064, False),
     }
-    print("\n5. memory plan per rank (GiB), 8 ranks x 16 prompts x 7, 512 + 3072 tokens, bf16 autocast")
-    print("| model | micro-batch | checkpointing | weights + AdamW + reference | sampling: KV cache + autocast copies "
-          "| update: grads + autocast copies + activations + tied grad | peak | A100-40GB | 80 GB |")  # fmt: skip
+    settings = [  # flags beyond the paper's defaults
+        ("ddp", 8, {}),
+        ("ddp", 8, {"gradient_checkpointing": True}),
+        ("fsdp", 8, {"gradient_checkpointing": True}),
+        ("fsdp", 8, {"gradient_checkpointing": True, "sampling_weights": "bf16"}),
+        ("fsdp", 8, {"gradient_checkpointing": True, "sampling_weights": "bf16", "generation_batch_size": 28}),
+        (
+            "fsdp",
+            16,
+            {
+                "gradient_checkpointing": True,
+                "sampling_weights": "bf16",
+                "generation_batch_size": 14,
+                "micro_batch_size": 1,
+            },
+        ),
+    ]
+    print("\n5. memory plan per rank (GiB), 128 prompts x 7 per step, 512 + 3072 tokens, bf16 autocast")
+    print("| model | ranks | flags beyond the defaults (micro-batch 4) | persistent | sampling | update | peak "
+          "| A100-40GB | 80 GB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, (n, hidden, layers, inter, heads, kv) in shapes.items():
+    for name, (n, hidden, layers, inter, heads, kv, vocab, tied) in shapes.items():
         config = SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=151936,
-                                 tie_word_embeddings=True)  # fmt: skip
-        for mbs, ckpt in ((4, False), (4, True), (1, True)):
-            flags = I.Args(micro_batch_size=mbs, gradient_checkpointing=ckpt)
-            p = process.memory_plan(config, n, flags, world_size=8, bf16=True)
-            fixed = p["weights (fp32)"] + p["AdamW moments"] + p["reference"]
+                                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                 tie_word_embeddings=tied)  # fmt: skip
+        for parallel, ranks, extra in settings:
+            if ranks == 16 and "14B" not in name:
+                continue
+            p = process.memory_plan(config, n, I.Args(parallel=parallel, **extra), world_size=ranks, bf16=True)
+            fixed = p["weights (fp32)"] + p["AdamW moments"] + p["reference"] + p["bf16 sampling copy"]
             sampling = sum(v for k, v in p.items() if k.endswith("(sampling)"))
             update = sum(v for k, v in p.items() if k.endswith("(update)"))
             fits = ["yes" if p["peak"] <= cap else "no" for cap in (39.4, 79.2)]  # GiB, as torch reports them
-            print(f"| {name} | {mbs} | {'yes' if ckpt else 'no'} | {fixed:.1f} | {sampling:.1f} "
-                  f"| {update:.1f} | {p['peak']:.1f} | {fits[0]} | {fits[1]} |")  # fmt: skip
+            flags = " ".join([f"--parallel {parallel}"] + [f"--{k}" + ("" if v is True else f" {v}") for k, v in
+                                                           extra.items()])  # fmt: skip
+            print(f"| {name} | {ranks} | `{flags}` | {fixed:.1f} | {sampling:.1f} | {update:.1f} | {p['peak']:.1f} "
+                  f"| {fits[0]} | {fits[1]} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Run under torchrun by test_ddp.py. Modes:
-train OUT ARGS...   : intuitor.train(ARGS), then every rank saves its weights to OUT/rank{r}.pt
-update OUT MODEL    : one optimizer step from fixed rollouts (no sampling), rank 0 saves weights to OUT
+"""Run under torchrun by test_ddp.py and test_fsdp.py. Modes:
+train OUT ARGS...   : intuitor.train(ARGS), then (DDP) every rank saves its weights to OUT/rank{r}.pt
+update OUT MODEL    : one optimizer step from fixed rollouts (no sampling), rank 0 saves weights to OUT;
+                      PARALLEL=fsdp shards the policy with FSDP2 instead of DDP
+tiles OUT MODEL     : FSDP2 forward + backward through the streamed head; the largest tensor with a vocabulary
+                      dimension that any op made, beside the logits' and the weight's sizes, to OUT (rank 0)
 """
 
 import os
@@ -12,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import intuitor as I  # noqa: E402
+from harness import process  # noqa: E402
 
 
 def fixed_update(model_dir, out, world, rank):
@@ -31,8 +35,11 @@ def fixed_update(model_dir, out, world, rank):
     ref_lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False)
     with torch.no_grad():
         ref_lm.lm_head.weight.mul_(0.9)  # a reference that differs, so the KL term has a gradient
-    model = I.CompletionLogProbs(lm, 1.0, 8, 64)
-    if world > 1:
+    sharded = os.environ.get("PARALLEL") == "fsdp"
+    model = I.CompletionLogProbs(lm, 1.0, 8, 64, sharded=sharded)
+    if sharded:
+        model = process.shard(model, process.Runtime(rank=rank, world_size=world))
+    elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(
         lm.parameters(), lr=1.0
@@ -50,19 +57,49 @@ def fixed_update(model_dir, out, world, rank):
         max_grad_norm=1e9,
     )  # no clipping: it would hide a scale error
     I.optimize(model, opt, sched, mine, tok.pad_token_id, config)
+    weights, _ = process.full_state_dicts(lm, opt)
     if rank == 0:
-        torch.save(lm.state_dict(), out)
+        torch.save(weights, out)
+
+
+def largest_tensor_under_fsdp(model_dir, out, world, rank):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    scorer = process.shard(I.CompletionLogProbs(lm, 1.0, 16, 64, sharded=True), process.Runtime(world_size=world))
+    torch.manual_seed(rank)
+    tokens, V = 400, lm.config.vocab_size  # logits would be 3x the embedding and lm_head together
+    rollouts = [I.Rollout([5, 6, 7], torch.randint(0, V, (tokens,)).tolist(), 0.0, 0.0, False)]
+    batch = I.collate(rollouts, 0, "cpu")
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor) and V in t.shape:  # logits-like: a vocabulary dimension
+                    Largest.numel = max(Largest.numel, t.numel())
+            return result
+
+    with Largest():
+        scorer(*batch).sum().backward()
+    if rank == 0:
+        torch.save({"largest": Largest.numel, "logits": tokens * V, "weight": V * lm.config.hidden_size}, out)
 
 
 if __name__ == "__main__":
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
-        lm = I.train(I.parse_args(sys.argv[3:]))
-        torch.save(lm.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        args = I.parse_args(sys.argv[3:])
+        lm = I.train(args)
+        if args.parallel == "ddp":  # FSDP2's shards are compared through the checkpoints it writes
+            torch.save(lm.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     else:
-        if world > 1:
+        if world > 1 or os.environ.get("PARALLEL") == "fsdp" or mode == "tiles":
             dist.init_process_group("gloo")
-        fixed_update(sys.argv[3], out, world, rank)
-        if world > 1:
+        (fixed_update if mode == "update" else largest_tensor_under_fsdp)(sys.argv[3], out, world, rank)
+        if dist.is_initialized():
             dist.destroy_process_group()
