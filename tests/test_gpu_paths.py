@@ -4,6 +4,7 @@ decoding always with its KV cache; the reference and the bf16 sampling copy comp
 computes under bf16 autocast (KL 0 at step 0); the memory plan against measured saved activations."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -201,3 +202,35 @@ def test_every_decode_step_reads_the_cache_under_the_installed_name(tokenizer, s
     assert len(decode_steps) == 5 and all(decode_steps)
     if sampler == "sample_static":
         assert calls[0][1]  # the prefill writes into the static cache
+
+
+def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path):
+    """tests/gpu_check.py --tiny: every part of the GPU check on a tiny CPU model, so the script works when a GPU
+    arrives (its numbers mean nothing here)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "check.json"
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--tiny", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [row[0] for row in result["rows"]]
+    parts = ("static vs eager", "k3 KL", "tied head", "sampling: sample_static", "sampling: model.generate",
+             "update", "step 2 prompts", "FSDP2")  # fmt: skip
+    for part in parts:
+        assert any(name.startswith(part) for name in names), part
+    kl = next(row for row in result["rows"] if row[0].startswith("k3 KL"))[1]
+    assert float(kl) == 0.0
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
