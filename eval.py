@@ -55,6 +55,7 @@ class EvalArgs:
             "the summary goes beside it, *.summary.json"
         },
     )
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier result at --output"})
     seed: int = field(default=0, metadata={"help": "sampling seed (n > 1)"})
     timeout: float = field(default=10.0, metadata={"help": "seconds per program run (code benchmarks, CRUXEval)"})
     grading_workers: int = field(default=0, metadata={"help": "programs run at once; 0 = one per CPU core"})
@@ -81,18 +82,49 @@ def mcnemar_exact(before, after):
     return {"only_before": b, "only_after": c, "p_value": min(1.0, 2 * tail)}
 
 
+def read_records(path):
+    """eval.py's per-problem records, each checked: one error line for anything else."""
+    try:
+        records = [json.loads(line) for line in open(path, encoding="utf-8")]
+        if not records or not all(isinstance(r, dict) and "index" in r and "correct" in r for r in records):
+            raise ValueError("no per-problem records")
+        return records
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        die(f"{path}: not per-problem records written by eval.py ({type(e).__name__}); pass eval.py's --output file")
+
+
+def output_path(args):
+    """Where the records go, checked and claimed before any model loads: a file path whose folder can be made,
+    and no earlier result there unless --overwrite (evaluating two models with the default path would otherwise
+    keep only the second)."""
+    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}.jsonl")
+    summary = os.path.splitext(output)[0] + ".summary.json"
+    if os.path.isdir(output) or output.endswith(os.sep):
+        die(f"--output {output!r} is a directory; pass a file path such as {os.path.join(output, 'eval.jsonl')!r}")
+    earlier = any(os.path.isfile(path) and os.path.getsize(path) for path in (output, summary))  # empty: claimed
+    if earlier and not args.overwrite:
+        die(f"--output {output!r} holds an earlier result; pass --overwrite to replace it, or another --output")
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(output, "a").close()  # claimed: writable, and a later --output here needs --overwrite
+    except OSError as e:
+        die(f"--output {output!r} cannot be written ({e.strerror}); pass another path")
+    return output
+
+
 def compare(paths):
     """python eval.py compare BASE.jsonl RUN.jsonl ...: one markdown row per evaluation (eval.py's per-problem
     records and their summaries), each paired against the first on the same problems."""
     if len(paths) < 1 or not all(os.path.isfile(p) for p in paths):
         die("usage: python eval.py compare BASE.jsonl [RUN.jsonl ...] (per-problem records written by eval.py)")
-    base = [json.loads(line) for line in open(paths[0])]
+    base = read_records(paths[0])
     print(
         "| model | accuracy [95% CI] | mean length | truncated | mean SC | SC-correct AUROC (p) | vs base: b / c, p |"
     )
     print("|---|---|---|---|---|---|---|")
     for i, path in enumerate(paths):
-        records = [json.loads(line) for line in open(path)]
+        records = read_records(path)
         if [r["index"] for r in records] != [r["index"] for r in base]:
             die(f"{path} and {paths[0]} hold different problems; compare evaluations of the same problems")
         s = json.load(open(os.path.splitext(path)[0] + ".summary.json"))
@@ -239,6 +271,7 @@ def main(argv=None):
     rt = process.runtime_from_env(args.device)
     process.init_distributed(rt)
     problems = load_problems(args.benchmark, args.data, args.limit)
+    output = process.on_first_rank(lambda: output_path(args))  # before the model loads and anything is sampled
     policy, tokenizer = process.load_model(args.model, rt.device)
     policy.eval()
     stop_ids, pad_id = intuitor.stop_token_ids(tokenizer, policy), tokenizer.pad_token_id
@@ -262,6 +295,8 @@ def main(argv=None):
             samples = sample_records(outputs[k * args.n : (k + 1) * args.n], per_problem[k], graded[k])
             records.append(problem_record(j, problems[j], samples, args))
         progress.update(len(indices))
+        if progress.disable and rt.rank == 0:  # a redirected log shows life once per batch
+            print(f"{args.benchmark}: {min(i + args.batch_size, len(mine))} / {len(mine)} problems", flush=True)
     records = process.gather(records)
     if rt.world_size > 1:
         dist.destroy_process_group()
@@ -269,8 +304,6 @@ def main(argv=None):
         return
     records.sort(key=lambda r: r["index"])
     summary = summarize(records, args, system_prompt)
-    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     with open(os.path.splitext(output)[0] + ".summary.json", "w") as f:

@@ -383,6 +383,8 @@ def parse_reward(spec):
             die(f"--reward: weight {weight!r} of {name} is not a number")
         if not math.isfinite(weights[name]):
             die(f"--reward: weight {weight!r} of {name} must be a finite number")
+    if not any(weights.values()):
+        die(f"--reward {spec!r}: every weight is 0, so nothing would be trained; give one reward a weight")
     return weights
 
 
@@ -775,15 +777,17 @@ def setup(args):
     need_gold = "accuracy" in reward_weights
     rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
                                                   args.answer_column, need_gold=need_gold)  # fmt: skip
-
-    model_device = torch.device("cpu") if args.parallel == "fsdp" else rt.device  # FSDP2 moves the shards there
-    policy, tokenizer = process.load_model(checkpoint or args.model, model_device)
-    n_params = sum(p.numel() for p in policy.parameters())
-    process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
+    tokenizer = process.load_tokenizer(checkpoint or args.model)  # prompts are checked before the weights load
     prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
     if len(prompts) < args.prompts_per_step:
-        die(f"only {len(prompts)} prompts fit --max_prompt_length ({skipped} longer); lower --prompts_per_step")
+        die(f"only {len(prompts)} prompts fit --max_prompt_length {args.max_prompt_length} ({skipped} are longer); "
+            "raise --max_prompt_length or lower --prompts_per_step")  # fmt: skip
     max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
+
+    model_device = torch.device("cpu") if args.parallel == "fsdp" else rt.device  # FSDP2 moves the shards there
+    policy = process.load_model(checkpoint or args.model, model_device)[0]
+    n_params = sum(p.numel() for p in policy.parameters())
+    process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
 
     sharded, tiles = args.parallel == "fsdp", (args.temperature, args.chunk_size, args.vocab_chunk_size)
     ref_scorer = None

@@ -42,8 +42,9 @@ def parse_flags(dataclass_type, argv, epilog=None):
 def check_train_args(args, rt):
     """Every flag checked before anything loads; the first one out of range ends the run with one line."""
     a, inf, world_size = args, math.inf, rt.world_size
+    if not a.num_generations >= 2:  # first: the rules below divide by it
+        die("--num_generations must be >= 2: advantages are normalised within a group")
     rules = [
-        (a.num_generations >= 2, "--num_generations must be >= 2: advantages are normalised within a group"),
         (
             a.prompts_per_step >= 1 and a.prompts_per_step % world_size == 0,
             f"--prompts_per_step ({a.prompts_per_step}) must be a positive multiple of the world size ({world_size})",
@@ -53,6 +54,8 @@ def check_train_args(args, rt):
             f"--generation_batch_size ({a.generation_batch_size}) must be a multiple of --num_generations (0 = all)",
         ),
         (0 < a.temperature < inf, "--temperature must be a number > 0 (GRPO needs distinct samples per group)"),
+        (a.top_k >= 0, "--top_k must be >= 0 (0 = every token)"),
+        (0 < a.top_p <= 1, "--top_p must be in (0, 1]: 0 would make every completion of a group the same"),
         (0 < a.learning_rate < inf, "--learning_rate must be a number > 0"),
         (0 <= a.beta < inf, "--beta must be a number >= 0 (0 skips the reference model)"),
         (0 <= a.epsilon < 1 and 0 <= a.epsilon_high < inf, "--epsilon must be in [0, 1), --epsilon_high >= 0"),
@@ -173,10 +176,9 @@ def gather(values):
 
 
 # ----------------------------------------------------------------------------- models
-def load_model(name, device):
-    """Policy + tokenizer from a hub id, a local directory, or a local .gguf file (dequantised to fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_source(name):
+    """(where, from_pretrained keyword arguments) of --model, checked without reading it: a .gguf file needs two
+    optional packages, a path must exist, a hub id needs the hub (or HF_HUB_OFFLINE=1 and the cache)."""
     kwargs = {}
     if name.endswith(".gguf"):
         try:
@@ -189,11 +191,39 @@ def load_model(name, device):
         die(f"--model {name!r}: no such file or directory; pass a hub id, a local model directory or a .gguf file")
     elif not os.path.exists(name):
         check_hub(name, "--model")
+    return name, kwargs
+
+
+def cannot_load(name, error):
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    die(f"cannot load --model {name!r} ({type(error).__name__}: {reason}); pass a hub id, a model directory or a "
+        ".gguf file, and re-download it if it is damaged")  # fmt: skip
+
+
+def load_tokenizer(name):
+    """The tokenizer of --model alone: prompts can be counted and checked before the weights load."""
+    from transformers import AutoTokenizer
+
+    where, kwargs = model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as e:
-        die(f"cannot load --model {name!r} ({str(e).splitlines()[0]}); pass a hub id, a model directory or a .gguf")
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a missing, damaged or foreign file: one line, whatever the reader raised
+        cannot_load(name, e)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name, device):
+    """Policy + tokenizer from a hub id, a local directory, or a local .gguf file (dequantised to fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name)
+    where, kwargs = model_source(name)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a truncated safetensors file, a .gguf that is not one, ...
+        cannot_load(name, e)
     if getattr(lm.config, "quantization_config", None) is not None:
         # GGUF weights arrive dequantised but tagged as quantised, which save_pretrained refuses: rebuild plainly.
         del lm.config.quantization_config
@@ -203,8 +233,6 @@ def load_model(name, device):
     head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
         die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return lm.to(device), tokenizer
 
 

@@ -1,6 +1,7 @@
 """A run's directory: one run per directory and its lock, trusted checkpoints, resume, metrics.jsonl."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -46,10 +47,13 @@ class RunDirectory:
     def check(self):
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             die(f"--output_dir {self.path!r} is a file; pass a directory")
-        parent = self.path
-        while not os.path.exists(parent):
-            parent = os.path.dirname(os.path.abspath(parent))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        if not os.path.exists(self.path):  # can it be made? made and removed again, so nothing is left
+            try:
+                os.makedirs(self.path)
+                os.removedirs(self.path)
+            except OSError as e:
+                die(f"--output_dir {self.path!r} cannot be created ({e.strerror}); pass another directory")
+        elif not os.access(self.path, os.W_OK):
             die(f"--output_dir {self.path!r} is not writable; pass another directory")
         if os.path.isdir(self.path):
             self.lock = self.lock or lock_directory(self.path)
@@ -85,6 +89,10 @@ class RunDirectory:
             if self.lock is None:
                 self.lock = lock_directory(self.path)
                 self.check_no_earlier_run()
+            for name in os.listdir(self.path):  # a crashed run's half-written checkpoints: the lock says none is ours
+                if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                    print(f"removing {name}, left by a run that stopped while saving", flush=True)
+                    shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
             if self.overwrite:
                 for path in checkpoints(self.path):
                     shutil.rmtree(path)
@@ -112,6 +120,10 @@ class RunDirectory:
         policy.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # one mode for every file (safetensors writes 0600): the umask's
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.exists(final):
             os.rename(final, old)
         os.rename(tmp, final)
@@ -161,19 +173,36 @@ def check_same_run(saved, current, may_change):
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    """The records of a metrics.jsonl (null, an undefined value, reads as NaN). A torn last line (a crash
+    mid-write) is dropped; a damaged line before it stops with one line naming it, so that nothing after it
+    is ever lost."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{path}: not a readable metrics.jsonl ({type(e).__name__}); pass a run's output_dir/metrics.jsonl")
     records = []
-    for line in open(path) if os.path.exists(path) else []:
+    for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a step record")
+        except ValueError:
+            if number == len(lines):
+                break  # torn while being written
+            die(f"{path}: line {number} of {len(lines)} is not a step record; repair or delete that line")
+        records.append({key: math.nan if value is None else value for key, value in record.items()})
     return records
+
+
+def strict_json(record):
+    """One line of strict JSON (NaN and infinities, which strict readers reject, become null)."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False)
 
 
 def restart_metrics(path, step):
     """Keep the records up to `step` (those after it will be redone), rewritten atomically."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(strict_json(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)

@@ -1,6 +1,5 @@
 """Watching a run: the step's metrics and monitors, the reward-hacking alarm, statistics, trackers, plots."""
 
-import json
 import math
 import os
 import subprocess
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from harness.process import all_reduce, die, gather
-from harness.runs import read_metrics
+from harness.runs import read_metrics, strict_json
 
 TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
 LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
@@ -205,7 +204,7 @@ def progress_bars(rank=0):
 def log_step(path, record, max_steps, logger=None):
     """Append the step's record to metrics.jsonl (and the tracker), print its main numbers on one line."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(strict_json(record) + "\n")
     if logger is not None:
         logger(record)
     shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in LOG_KEYS if key in record)
@@ -238,6 +237,17 @@ def tracked_by_git(path):
     return ls.returncode == 0
 
 
+def run_labels(paths):
+    """A legend label per metrics file: its run folder's name, with as many parent folders as it takes to tell
+    runs with equal folder names apart."""
+    parts = [os.path.dirname(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)
+
+
 def plot_metrics(*argv):
     """One PNG of training curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy.
     One run: every logged variant of each; several runs: one line per run, so methods can be compared. The
@@ -258,9 +268,17 @@ def plot_metrics(*argv):
         if not os.path.isfile(path):
             die(f"{path}: no such metrics file; pass a run's output_dir/metrics.jsonl ({PLOT_USAGE})")
     out = outs[0] if outs else os.path.splitext(paths[0])[0] + ".png"
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        die(f"{out}: the plot's path must be a file in an existing folder; pass another OUT.png")
     if os.path.exists(out) and "--force" not in argv and tracked_by_git(out):
         die(f"{out} is a file tracked by git; pass another OUT.png, or --force to overwrite it")
-    runs = {os.path.basename(os.path.dirname(os.path.abspath(p))) or p: read_metrics(p) for p in paths}
+    runs = {label: read_metrics(path) for label, path in zip(run_labels(paths), paths)}
+    for path, records in zip(paths, runs.values()):
+        if not records:
+            die(f"{path} holds no step records; pass a run's output_dir/metrics.jsonl")
+        bad = next((k for r in records for k, v in r.items() if not isinstance(v, (int, float))), None)
+        if bad is not None:
+            die(f"{path}: {bad!r} holds a value that is not a number; repair the file or pass another run")
     logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
     panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
     rows, cols = (len(panels) + 3) // 4, min(len(panels), 4)

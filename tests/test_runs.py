@@ -44,6 +44,7 @@ def bad_datasets(tmp):
         "csv": write_lines(tmp / "data.csv", ["problem", "What is 1 + 1?"]),
         "null": write_lines(tmp / "null.jsonl", [json.dumps({"problem": None})] * 4),
         "number": write_lines(tmp / "number.jsonl", [json.dumps({"problem": i}) for i in range(4)]),
+        "under_a_file": str(write_lines(tmp / "a_file", ["x"])) + "/run",
     }
 
 
@@ -74,6 +75,16 @@ TRAIN_CASES = [
     (["--prompt_column", "question"], "--prompt_column"),
     (["--prompts_per_step", "100"], "--prompts_per_step"),
     *[(["--dataset", name], "--dataset") for name in ("empty", "malformed", "csv", "null", "number")],
+    (["--num_generations", "0"], "--num_generations"),
+    (["--top_k", "-1"], "--top_k"),
+    (["--top_p", "0"], "--top_p"),
+    (["--top_p", "1.5"], "--top_p"),
+    (["--top_p", "nan"], "--top_p"),
+    (["--reward", "self_certainty=nan"], "--reward"),
+    (["--reward", "self_certainty=0"], "every weight is 0"),
+    (["--max_prompt_length", "3"], "raise --max_prompt_length"),
+    (["--output_dir", "under_a_file"], "cannot be created"),
+    (["--output_dir", "/proc/intuitor-run"], "cannot be created"),
 ]
 if not torch.cuda.is_available():
     TRAIN_CASES.append((["--device", "cuda"], "--device cpu"))
@@ -297,3 +308,117 @@ def test_a_plan_that_cannot_fit_is_one_error_line_naming_the_flags(capsys):
         assert flag in message
     assert "memory plan per rank" in capsys.readouterr().out
     process.check_memory({"weights (fp32)": 1.0, "peak": 0.001}, process.Runtime())  # fits: no error
+
+
+# ---------------------------------------------------------------- second round: faults and formats
+def test_two_fresh_runs_on_one_new_directory_cannot_both_write_there(tmp_path):
+    """Run A checks a new directory, then loads its model; meanwhile run B claims the directory and writes a
+    step. When A claims it, the earlier-run check is repeated under the lock: A stops, B's run is intact."""
+    from harness import runs
+
+    out = tmp_path / "new"
+    a = runs.RunDirectory(str(out), resume=False, overwrite=False)  # checked: nothing there yet
+    b = runs.RunDirectory(str(out), resume=False, overwrite=False)
+    b.open(0)
+    with open(b.metrics_path, "a") as f:
+        f.write(json.dumps({"step": 1}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        a.open(0)
+    assert "in use by another run" in str(stop.value)
+    os.close(b.lock)  # B has finished: A must still not replace its run
+    with pytest.raises(SystemExit) as stop:
+        a.open(0)
+    assert "holds an earlier run" in str(stop.value)
+    assert json.loads((out / "metrics.jsonl").read_text()) == {"step": 1}
+
+
+def test_a_damaged_model_is_one_error_line(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    for model in (broken, fake):
+        p = script("intuitor.py", "--model", str(model), "--dataset", DATA, "--output_dir", str(tmp_path / "out"),
+                   "--prompts_per_step", "2")  # fmt: skip
+        assert_one_error_line(p, "cannot load --model")
+
+
+def test_resume_refuses_a_damaged_metrics_line_and_loses_nothing(tiny_dir, tmp_path):
+    small_run(tiny_dir, tmp_path, "--max_steps", "4", "--save_steps", "2")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]  # step 2, garbled
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    p = small_run(tiny_dir, tmp_path, "--max_steps", "4", "--save_steps", "2", "--resume", check=False)
+    assert_one_error_line(p, "line 2 of 4")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_leftovers_of_a_crashed_save_are_removed_and_checkpoint_files_share_one_mode(tiny_dir, tmp_path):
+    small_run(tiny_dir, tmp_path, "--max_steps", "2", "--save_steps", "1")
+    os.makedirs(tmp_path / ".tmp-checkpoint-3-12345")  # what a kill during a save leaves behind
+    (tmp_path / ".tmp-checkpoint-3-12345" / "model.safetensors").write_bytes(b"half")
+    p = small_run(tiny_dir, tmp_path, "--max_steps", "2", "--resume")
+    assert "removing .tmp-checkpoint-3-12345" in p.stdout
+    assert not (tmp_path / ".tmp-checkpoint-3-12345").exists()
+    modes = {name: os.stat(tmp_path / "checkpoint-2" / name).st_mode & 0o777
+             for name in os.listdir(tmp_path / "checkpoint-2")}  # fmt: skip
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_metrics_are_strict_json(tmp_path):
+    from harness import runs, watch
+
+    path = str(tmp_path / "metrics.jsonl")
+    watch.log_step(path, {"step": 1, "monitor/certainty_auroc": float("nan"), "train/loss": float("inf")}, 1)
+    line = open(path).read()
+    assert "NaN" not in line and "Infinity" not in line and json.loads(line)["monitor/certainty_auroc"] is None
+    assert math.isnan(runs.read_metrics(path)[0]["monitor/certainty_auroc"])
+
+
+PLOT_CASES = {
+    "empty": (b"", "no step records"),
+    "middle line": (b'{"step": 1, "train/loss": 1.0}\n{"step": 2, "tr\n{"step": 3, "train/loss": 1.0}\n', "line 2"),
+    "binary": (bytes(range(256)) * 4, "not a readable metrics.jsonl"),
+    "not a number": (b'{"step": 1, "train/loss": "high"}\n', "not a number"),
+}
+
+
+@pytest.mark.parametrize("case", PLOT_CASES)
+def test_plot_of_a_bad_metrics_file_is_one_error_line(tmp_path, case):
+    content, needle = PLOT_CASES[case]
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    assert_one_error_line(script("intuitor.py", "plot", str(tmp_path / "metrics.jsonl")), needle)
+
+
+def test_plot_output_path_is_checked_and_equal_run_names_are_told_apart(tmp_path):
+    from harness import watch
+
+    metrics_file = tmp_path / "a" / "run" / "metrics.jsonl"
+    os.makedirs(metrics_file.parent)
+    metrics_file.write_text(json.dumps({"step": 1, "train/self_certainty": 1.0}) + "\n")
+    for out in (tmp_path, tmp_path / "missing" / "plot.png"):
+        os.makedirs(tmp_path / "dir.png", exist_ok=True)
+        target = tmp_path / "dir.png" if out == tmp_path else out
+        assert_one_error_line(script("intuitor.py", "plot", str(metrics_file), str(target)), "existing folder")
+    assert watch.run_labels(["x/a/run/metrics.jsonl", "x/b/run/metrics.jsonl"]) == ["a/run", "b/run"]
+    assert watch.run_labels(["x/a/metrics.jsonl", "x/b/metrics.jsonl"]) == ["a", "b"]
+
+
+def test_eval_checks_and_claims_its_output_before_sampling(tiny_dir, tmp_path):
+    gsm = os.path.join(ROOT, "tests", "data", "gsm8k_tiny.jsonl")
+    base = ["--model", tiny_dir, "--benchmark", "gsm8k", "--data", gsm, "--max_new_tokens", "4", "--limit", "2"]
+    (tmp_path / "a_file").write_text("x")
+    for output, needle in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "r.jsonl", "cannot be written")):
+        assert_one_error_line(script("eval.py", *base, "--output", str(output)), needle)
+    first = script("eval.py", *base, "--output", str(tmp_path / "r.jsonl"))
+    assert first.returncode == 0 and "gsm8k: 2 / 2 problems" in first.stdout  # a redirected log shows progress
+    kept = (tmp_path / "r.jsonl").read_text()
+    again = script("eval.py", *base, "--output", str(tmp_path / "r.jsonl"))
+    assert_one_error_line(again, "--overwrite")
+    assert (tmp_path / "r.jsonl").read_text() == kept
+    assert script("eval.py", *base, "--output", str(tmp_path / "r.jsonl"), "--overwrite").returncode == 0
+    (tmp_path / "notes.jsonl").write_text("not json\n")
+    assert_one_error_line(script("eval.py", "compare", str(tmp_path / "notes.jsonl")), "not per-problem records")
