@@ -15,6 +15,7 @@ exact quantity the policy was trained on; math answers are graded by harness/tas
 are; programs run in harness/sandbox.py. Greedy by default, as in the paper.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import intuitor
 from harness import process
-from harness.benchmarks import BENCHMARKS, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
+from harness.benchmarks import BENCHMARKS, FAILURES, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
 from harness.process import die
 from harness.tasks import answer_clusters, last_boxed, plurality_winner
 from harness.watch import mann_whitney, progress_bars
@@ -36,7 +37,7 @@ from harness.watch import mann_whitney, progress_bars
 
 @dataclass
 class EvalArgs:
-    model: str = field(default="", metadata={"help": "hub id, local directory or .gguf file (required)"})
+    model: str = field(metadata={"help": "hub id, local directory or .gguf file"})
     benchmark: Literal[tuple(BENCHMARKS)] = field(default="math500", metadata={"help": "see README, Benchmarks"})
     data: str = field(default="", metadata={"help": "local .jsonl/.parquet with the hub dataset's columns"})
     limit: int = field(default=0, metadata={"help": "first N problems only; 0 = all"})
@@ -70,7 +71,7 @@ def wilson_interval(k, n, z=1.96):
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
+    return (max(centre - half, 0.0), min(centre + half, 1.0))  # rounding must not leave [0, 1]
 
 
 def mcnemar_exact(before, after):
@@ -80,6 +81,9 @@ def mcnemar_exact(before, after):
     c = sum(y and not x for x, y in zip(before, after))
     tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
     return {"only_before": b, "only_after": c, "p_value": min(1.0, 2 * tail)}
+
+
+COMPARE_USAGE = "and: python eval.py compare BASE.jsonl [RUN.jsonl ...] (a paired table of evaluations)"
 
 
 def read_records(path):
@@ -169,19 +173,16 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def sample_records(outputs, texts, graded):
-    """One record per sampled completion: text, extracted answer, correctness, self-certainty, length."""
-    return [
-        {
-            "completion": text,
-            "extracted": answer,
-            "correct": correct,
-            "self_certainty": rollout.self_certainty,
-            "length": len(rollout.completion),
-            "truncated": rollout.truncated,
-        }
-        for rollout, text, (answer, correct) in zip(outputs, texts, graded)
-    ]
+def sample_records(outputs, texts, graded, code):
+    """One record per sampled completion: text, extracted answer, correctness, self-certainty, length; for
+    programs (and CRUXEval-O) why a failed one failed."""
+    records = []
+    for rollout, text, g in zip(outputs, texts, graded):
+        record = {"completion": text, "extracted": g.answer, "correct": g.correct,
+                  "self_certainty": rollout.self_certainty, "length": len(rollout.completion),
+                  "truncated": rollout.truncated}  # fmt: skip
+        records.append(record | ({"failure": g.failure} if code else {}))
+    return records
 
 
 # ----------------------------------------------------------------------------- records and summary
@@ -208,6 +209,12 @@ def problem_record(index, problem, samples, args):
     return record
 
 
+def prompt_name(system_prompt):
+    """The system prompt, recorded once by name: the training one, the neutral one, or a hash of another."""
+    named = {intuitor.SYSTEM_PROMPT: "training (intuitor.SYSTEM_PROMPT)", NEUTRAL_SYSTEM_PROMPT: "neutral"}
+    return named.get(system_prompt) or "custom, sha256 " + hashlib.sha256(system_prompt.encode()).hexdigest()[:16]
+
+
 def summarize(records, args, system_prompt):
     n = len(records)
     samples = [s for r in records for s in (r["samples"] if args.n > 1 else [r])]
@@ -226,10 +233,14 @@ def summarize(records, args, system_prompt):
         "mean_length": mean([s["length"] for s in samples]),
         "truncated_frac": mean([s["truncated"] for s in samples]),
         "answer_found_frac": mean([s["extracted"] is not None for s in samples]),  # a box, a code block, a letter
-        "boxed_frac": mean([last_boxed(s["completion"]) is not None for s in samples]),
         "mean_self_certainty": mean([s["self_certainty"] for s in samples]),
-        "system_prompt": system_prompt,
+        "system_prompt": prompt_name(system_prompt),
     }
+    grade = BENCHMARKS[args.benchmark].grade
+    if grade == "math":
+        out["boxed_frac"] = mean([last_boxed(s["completion"]) is not None for s in samples])
+    if grade in ("code", "output"):
+        out["failures"] = {why: sum(s["failure"] == why for s in samples) for why in FAILURES}
     right = [s["self_certainty"] for s in samples if s["correct"]]
     wrong = [s["self_certainty"] for s in samples if not s["correct"]]
     out["self_certainty_vs_correctness"] = {
@@ -253,9 +264,9 @@ def summarize(records, args, system_prompt):
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv):
-    args = process.parse_flags(EvalArgs, argv)
+    args = process.parse_flags(EvalArgs, argv, epilog=COMPARE_USAGE)
     if not args.model:
-        die("--model is required: a hub id, a local model directory or a .gguf file")
+        die("--model is empty: pass a hub id, a local model directory or a .gguf file")
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
         die("--n, --batch_size and --max_new_tokens must be >= 1, --limit >= 0 (0 = all)")
     if not 0 <= args.temperature < math.inf or (args.n > 1 and args.temperature == 0):
@@ -292,7 +303,8 @@ def main(argv=None):
         problems_here = [problems[j] for j in indices]
         graded = grade_batch(args.benchmark, problems_here, per_problem, args.timeout, args.grading_workers)
         for k, j in enumerate(indices):
-            samples = sample_records(outputs[k * args.n : (k + 1) * args.n], per_problem[k], graded[k])
+            code = BENCHMARKS[args.benchmark].grade in ("code", "output")
+            samples = sample_records(outputs[k * args.n : (k + 1) * args.n], per_problem[k], graded[k], code)
             records.append(problem_record(j, problems[j], samples, args))
         progress.update(len(indices))
         if progress.disable and rt.rank == 0:  # a redirected log shows life once per batch

@@ -28,6 +28,7 @@ Before you fork:
 import copy
 import inspect
 import math
+import os
 import random
 import sys
 import time
@@ -60,6 +61,7 @@ class Args:
     # model and data
     model: str = arg("Qwen/Qwen2.5-1.5B", "hub id, local directory or local .gguf file")
     dataset: str = arg("DigitalLearningGmbH/MATH-lighteval", "hub dataset or local .json/.jsonl/.parquet")
+    dataset_config: str = arg("", "configuration of a hub dataset (openai/gsm8k: main)")
     dataset_split: str = arg("train", "split of a hub dataset")
     prompt_column: str = arg("problem", "column holding the question")
     answer_column: str = arg("", "gold answers (accuracy reward/monitor); default `answer`, else `solution`")
@@ -90,7 +92,12 @@ class Args:
     beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model")
     epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high")
-    loss_type: Literal["token", "grpo"] = arg("token", "token: mean over the step's tokens; grpo: over sequences")
+    loss_type: Literal["token", "grpo", "dapo", "bnpo", "dr_grpo"] = arg(
+        "token", "token (TRL: dapo): mean over the step's tokens; grpo: per sequence, then over sequences"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = arg(
+        "group", "advantages divided by the group's reward std, the whole step's, or not at all (Dr. GRPO)"
+    )
     num_iterations: int = arg(1, "mu: optimizer steps per batch of rollouts")
     mask_truncated_completions: bool = arg(False, "completions cut by max_completion_length take no part in the loss")
     micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation)")
@@ -98,12 +105,15 @@ class Args:
     warmup_ratio: float = arg(0.1, "fraction of optimizer steps with linear warmup before the cosine decay")
     max_grad_norm: float = arg(1.0, "gradient-norm clipping")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_steps: int = arg(-1, "rollout steps; -1 = one epoch over the prompts")
+    max_steps: int = arg(-1, "rollout steps; -1 = --num_train_epochs epochs over the prompts")
+    num_train_epochs: int = arg(1, "epochs over the prompts when --max_steps is -1")
     seed: int = arg(42, "seed for the data order and sampling")
     # run, checkpoints, logging
     output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here")
     save_steps: int = arg(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint")
+    resume_from_checkpoint: str = arg("", "continue from this checkpoint-N folder (implies --resume)")
+    run_name: str = arg("", "the run's name in the tracker (--report_to); default: output_dir's folder name")
     overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
     save_total_limit: int = arg(2, "keep the newest N checkpoints (the older one backs up a torn newest); 0 = all")
     log_completions_steps: int = arg(10, "print a sample completion every N steps; 0 = never")
@@ -396,17 +406,32 @@ def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
 
 
 # ----------------------------------------------------------------------------- 3. advantages and loss
-def group_advantages(rewards, num_generations, eps=1e-4):
-    """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
+def group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
+    """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std + eps).
 
-    std is the unbiased sample std, as in TRL; a group of equal rewards gets exactly A = 0, never NaN."""
+    - std is the unbiased sample std of the group (`group`, the paper's and TRL's default), of every reward of
+      the step on all ranks (`batch`), or not used at all (`none`: A_i = r_i - mean(r_group), Dr. GRPO);
+    - a group of equal rewards gets exactly A = 0, never NaN."""
     r = rewards.view(-1, num_generations)
-    advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    centred = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        advantages = centred / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = centred / (global_std(rewards) + eps)
+    else:
+        advantages = centred
     equal = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)  # exactly 0: float rounding of the mean is not
     return torch.where(equal, 0.0, advantages).view(-1)  # allowed to push identical completions anywhere
 
 
-def mixed_advantages(rewards, weights, num_generations, mixing="separate"):
+def global_std(values):
+    """Unbiased std of `values` over all ranks (float64 sums, so the cancellation stays small)."""
+    v = values.double()
+    n, total, squares = (global_sum(x).item() for x in (v.numel(), v.sum(), (v * v).sum()))
+    return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1))
+
+
+def mixed_advantages(rewards, weights, num_generations, mixing="separate", scale="group"):
     """Advantages of one reward, or of a weighted mix of several.
 
     - `separate` (default): each reward normalised within its group, then weighted and summed. A weight keeps
@@ -414,14 +439,16 @@ def mixed_advantages(rewards, weights, num_generations, mixing="separate"):
     - `official`: the official INTUITOR trainer's rule. The weighted sum of the rewards other than
       self-certainty is normalised once, and self-certainty, normalised on its own, is added at its weight
       (1 in the official code). With one such reward its weight cancels in the normalisation."""
+
+    def normalised(r):
+        return group_advantages(r, num_generations, scale=scale)
+
     if mixing == "separate":
-        return sum(w * group_advantages(rewards[name], num_generations) for name, w in weights.items())
+        return sum(w * normalised(rewards[name]) for name, w in weights.items())
     others = [w * rewards[name] for name, w in weights.items() if name != "self_certainty"]
-    advantages = group_advantages(sum(others), num_generations) if others else 0.0
+    advantages = normalised(sum(others)) if others else 0.0
     if "self_certainty" in weights:
-        advantages = advantages + weights["self_certainty"] * group_advantages(
-            rewards["self_certainty"], num_generations
-        )
+        advantages = advantages + weights["self_certainty"] * normalised(rewards["self_certainty"])
     return advantages
 
 
@@ -747,8 +774,9 @@ def train(args):
         rewards = reward_step(run, rollouts, prompts)
 
         # 3. group-normalised advantages (Eq. 3); groups never straddle ranks
-        for r, advantage in zip(rollouts, mixed_advantages(rewards, run.reward_weights, G, args.reward_mixing)):
-            r.advantage = advantage.item()
+        advantages = mixed_advantages(rewards, run.reward_weights, G, args.reward_mixing, args.scale_rewards)
+        for r, advantage in zip(rollouts, advantages.tolist()):
+            r.advantage = advantage
 
         # 4. policy update: minimise the clipped surrogate + beta KL (Eq. 5)
         lr = run.scheduler.get_last_lr()[0]
@@ -772,17 +800,20 @@ def setup(args):
     reward_weights = parse_reward(args.reward)
     # first, so that a check failing on rank 0 alone stops every rank (process.on_first_rank)
     process.init_distributed(rt, always=args.parallel == "fsdp")
-    run_dir = runs.RunDirectory(args.output_dir, args.resume, args.overwrite_output_dir, rank=rt.rank)
-    checkpoint, state = run_dir.resume_point(asdict(args))
+    resume = args.resume or bool(args.resume_from_checkpoint)
+    run_dir = runs.RunDirectory(args.output_dir, resume, args.overwrite_output_dir, rank=rt.rank)
+    checkpoint, state = run_dir.resume_point(asdict(args), args.resume_from_checkpoint)
     need_gold = "accuracy" in reward_weights
     rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
-                                                  args.answer_column, need_gold=need_gold)  # fmt: skip
+                                                  args.answer_column, need_gold=need_gold,
+                                                  config=args.dataset_config)  # fmt: skip
     tokenizer = process.load_tokenizer(checkpoint or args.model)  # prompts are checked before the weights load
     prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
     if len(prompts) < args.prompts_per_step:
         die(f"only {len(prompts)} prompts fit --max_prompt_length {args.max_prompt_length} ({skipped} are longer); "
             "raise --max_prompt_length or lower --prompts_per_step")  # fmt: skip
-    max_steps = args.max_steps if args.max_steps > 0 else len(prompts) // args.prompts_per_step
+    steps_per_epoch = len(prompts) // args.prompts_per_step
+    max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
 
     model_device = torch.device("cpu") if args.parallel == "fsdp" else rt.device  # FSDP2 moves the shards there
     policy = process.load_model(checkpoint or args.model, model_device)[0]
@@ -816,8 +847,19 @@ def setup(args):
         resumed = f", resumed from {checkpoint}" if checkpoint else ""
         tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {rt}{resumed}")
     has_gold = any(p.gold is not None for p in prompts)
-    watcher = watch.Watcher(run_dir.metrics_path, max_steps, rt.rank, args.report_to, args.output_dir, asdict(args),
-                            tokenizer, args.log_completions_steps, has_gold, args.num_generations)  # fmt: skip
+    watcher = watch.Watcher(
+        metrics_path=run_dir.metrics_path,
+        max_steps=max_steps,
+        rank=rt.rank,
+        report_to=args.report_to,
+        output_dir=args.output_dir,
+        config=asdict(args),
+        tokenizer=tokenizer,
+        log_completions_steps=args.log_completions_steps,
+        has_gold=has_gold,
+        num_generations=args.num_generations,
+        run_name=args.run_name or os.path.basename(os.path.abspath(args.output_dir)),
+    )
     return Run(
         args=args,
         rt=rt,

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from harness import sandbox, tasks
 from harness.process import check_hub, die
@@ -261,8 +261,33 @@ def same_output(printed, expected):
     return True
 
 
+class Graded(NamedTuple):
+    answer: str | None  # what was read from the completion: a math answer, a letter, a program, a value
+    correct: bool
+    failure: str | None = None  # programs and CRUXEval-O: why a sample failed (FAILURES), None when it passed
+
+
+FAILURES = ("no code block", "syntax error", "timeout", "wrong answer", "runtime error")
+
+
+def failure_of(answer, results, ok):
+    """Why a program's sample failed: nothing to run, it did not compile, it ran out of time, a test's assertion
+    (or the printed output) disagreed, or it raised."""
+    if answer is None:
+        return "no code block"
+    if all(ok):
+        return None
+    if any("SyntaxError" in r.stderr or "IndentationError" in r.stderr for r in results):
+        return "syntax error"
+    if any(r.status == "timeout" for r in results):
+        return "timeout"
+    if any("AssertionError" in r.stderr for r in results) or all(r.passed for r in results):
+        return "wrong answer"
+    return "runtime error"
+
+
 def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
-    """(extracted answer, correct) for each completion of each problem. Math: tasks.extract_answer and
+    """A Graded (answer, correct, failure) for each completion of each problem. Math: tasks.extract_answer and
     math-verify; choice: the letter; code and CRUXEval-O: every job of a sample passes in the sandbox, all jobs
     of the batch run in parallel."""
     spec = BENCHMARKS[benchmark]
@@ -270,10 +295,10 @@ def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
         graded = []
         for problem, completions in zip(problems, texts):
             answers = [extract_answer(text, spec.answer_format) for text in completions]
-            graded.append([(a, is_correct(a, problem["gold"])) for a in answers])
+            graded.append([Graded(a, is_correct(a, problem["gold"])) for a in answers])
         return graded
     if spec.grade == "choice":
-        return [[(c, c == p["gold"]) for c in map(extract_choice, t)] for p, t in zip(problems, texts)]
+        return [[Graded(c, c == p["gold"]) for c in map(extract_choice, t)] for p, t in zip(problems, texts)]
     extract = extract_output if spec.grade == "output" else last_code_block
     answers = [[extract(text) for text in completions] for completions in texts]
     jobs = [
@@ -286,8 +311,7 @@ def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
     for sample_answers, per_problem in zip(answers, jobs):
         graded.append([])
         for answer, per_sample in zip(sample_answers, per_problem):
-            ok = [
-                r.passed and (want is None or same_output(r.stdout, want)) for (_, want), r in zip(per_sample, results)
-            ]
-            graded[-1].append((answer, answer is not None and all(ok)))
+            ran = [next(results) for _ in per_sample]
+            ok = [r.passed and (want is None or same_output(r.stdout, want)) for (_, want), r in zip(per_sample, ran)]
+            graded[-1].append(Graded(answer, answer is not None and all(ok), failure_of(answer, ran, ok)))
     return graded

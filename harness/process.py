@@ -61,7 +61,8 @@ def check_train_args(args, rt):
         (0 <= a.epsilon < 1 and 0 <= a.epsilon_high < inf, "--epsilon must be in [0, 1), --epsilon_high >= 0"),
         (0 <= a.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
         (0 < a.max_grad_norm <= inf and 0 <= a.weight_decay < inf, "--max_grad_norm must be > 0, --weight_decay >= 0"),
-        (a.max_steps == -1 or a.max_steps >= 1, "--max_steps must be >= 1, or -1 for one epoch"),
+        (a.max_steps == -1 or a.max_steps >= 1, "--max_steps must be >= 1, or -1 for --num_train_epochs epochs"),
+        (a.num_train_epochs >= 1, "--num_train_epochs must be >= 1"),
         (
             a.sampling_weights != "bf16" or rt.bf16,
             "--sampling_weights bf16 samples under bf16 autocast: run on CUDA or pass --dtype bfloat16",
@@ -89,8 +90,11 @@ def check_train_args(args, rt):
     for ok, message in rules:
         if not ok:  # NaN fails every comparison, so it lands here too
             die(message)
-    if a.resume and a.overwrite_output_dir:
+    if (a.resume or a.resume_from_checkpoint) and a.overwrite_output_dir:
         die("--resume and --overwrite_output_dir contradict each other; pass one")
+    if a.loss_type in ("bnpo", "dr_grpo"):
+        die(f"--loss_type {a.loss_type} (a TRL aggregation) is not offered here; use token (TRL: dapo) or grpo")
+    a.loss_type = "token" if a.loss_type == "dapo" else a.loss_type  # TRL's name for the same aggregation
     check_device(a.device)
 
 

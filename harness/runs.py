@@ -17,7 +17,7 @@ from harness.process import die
 MAY_CHANGE_ON_RESUME = set(
     """save_steps save_total_limit resume overwrite_output_dir device output_dir log_completions_steps
     micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler sampling_weights report_to
-    parallel""".split()
+    parallel resume_from_checkpoint run_name""".split()
 )
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -67,12 +67,18 @@ class RunDirectory:
                 "--overwrite_output_dir to replace it, or another directory"
             )
 
-    def resume_point(self, args):
-        """(checkpoint path, trainer state) to continue from with --resume, else (None, None). The newest
-        readable checkpoint wins; its saved flags must equal `args` except MAY_CHANGE_ON_RESUME."""
+    def resume_point(self, args, checkpoint=""):
+        """(checkpoint path, trainer state) to continue from with --resume, else (None, None): `checkpoint` when
+        given (--resume_from_checkpoint), else the newest readable one. Its saved flags must equal `args` except
+        MAY_CHANGE_ON_RESUME."""
         if not self.resume:
             return None, None
-        path, state = newest_readable_checkpoint(self.path, report=self.rank == 0)
+        if checkpoint:
+            if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
+                die(f"--resume_from_checkpoint {checkpoint!r}: no trainer_state.pt there; pass a checkpoint-N folder")
+            path, state = newest_readable_checkpoint(checkpoint, report=self.rank == 0, only=checkpoint)
+        else:
+            path, state = newest_readable_checkpoint(self.path, report=self.rank == 0)
         if state is not None:
             check_same_run(state["args"], args, MAY_CHANGE_ON_RESUME)
         return path, state
@@ -144,12 +150,12 @@ def lock_directory(path):
     return lock
 
 
-def newest_readable_checkpoint(output_dir, report=True):
-    """(checkpoint path, trainer state) of the newest readable checkpoint, or (None, None). An unreadable one
-    (torn trainer_state.pt, missing or corrupt weights) is skipped with a message."""
+def newest_readable_checkpoint(output_dir, report=True, only=None):
+    """(checkpoint path, trainer state) of the newest readable checkpoint (or of `only`), or (None, None). An
+    unreadable one (torn trainer_state.pt, missing or corrupt weights) is skipped with a message."""
     from safetensors import safe_open
 
-    for path in reversed(checkpoints(output_dir)):
+    for path in [only] if only else reversed(checkpoints(output_dir)):
         try:
             state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
             with safe_open(os.path.join(path, "model.safetensors"), "pt") as weights:
@@ -159,7 +165,7 @@ def newest_readable_checkpoint(output_dir, report=True):
         except Exception as e:  # noqa: BLE001 - any failure to read means: not this checkpoint
             if report:
                 print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying the one before", flush=True)
-    if checkpoints(output_dir):
+    if only or checkpoints(output_dir):
         die(f"--resume: no readable checkpoint in {output_dir!r}; pass --overwrite_output_dir to start over")
     return None, None
 

@@ -17,7 +17,7 @@ from harness.process import check_hub, die
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_rows(path, split, flag="--dataset"):
+def load_rows(path, split, flag="--dataset", config=""):
     """Rows of a hub dataset or a local .json/.jsonl/.parquet file, via datasets.load_dataset; never empty."""
     from datasets import load_dataset
 
@@ -29,7 +29,10 @@ def load_rows(path, split, flag="--dataset"):
     if not local:
         check_hub(path, flag)
     try:
-        rows = load_dataset(local, data_files=path, split="train") if local else load_dataset(path, split=split)
+        if local:
+            rows = load_dataset(local, data_files=path, split="train")
+        else:
+            rows = load_dataset(path, config or None, split=split)
     except Exception as e:  # noqa: BLE001 - unreadable for any reason (malformed JSON, missing split): one line
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         die(f"cannot load {flag} {path!r} ({reason}); pass a hub dataset or a valid local .jsonl/.parquet file")
@@ -52,10 +55,10 @@ def check_texts(rows, column, source):
 
 
 def load_questions(path, split, prompt_column, answer_column="", need_gold=False, flag="--dataset",
-                   fix="pass --prompt_column"):  # fmt: skip
+                   fix="pass --prompt_column", config=""):  # fmt: skip
     """(rows, questions, gold answers) of a dataset; questions pass check_texts. need_gold: gold answers must
     exist."""
-    rows = load_rows(path, split, flag)
+    rows = load_rows(path, split, flag, config)
     if prompt_column not in rows.column_names:
         die(f"{flag} {path!r} has no column {prompt_column!r} (columns: {', '.join(rows.column_names)}); {fix}")
     questions = check_texts(rows, prompt_column, f"{flag} {path!r}")

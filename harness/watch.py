@@ -137,7 +137,7 @@ class Watcher:
     now and then a sample completion; at the end, the line naming the checkpoint and the plot command."""
 
     def __init__(self, metrics_path, max_steps, rank, report_to, output_dir, config, tokenizer,
-                 log_completions_steps, has_gold, num_generations):  # fmt: skip
+                 log_completions_steps, has_gold, num_generations, run_name="intuitor"):  # fmt: skip
         self.metrics_path, self.max_steps, self.rank, self.tokenizer = metrics_path, max_steps, rank, tokenizer
         self.log_completions_steps, self.has_gold, self.num_generations = (
             log_completions_steps,
@@ -145,7 +145,7 @@ class Watcher:
             num_generations,
         )
         self.alarm = HackingAlarm()
-        self.tracker = make_logger(report_to, output_dir, config) if rank == 0 else None
+        self.tracker = make_logger(report_to, output_dir, config, run_name) if rank == 0 else None
 
     def record(self, step, rollouts, rewards, update, lr, sample_s, update_s):
         """Called by every rank (the metrics are means over all ranks); rank 0 writes and prints."""
@@ -165,14 +165,14 @@ class Watcher:
             print(f"done: {final_checkpoint}; curves: python intuitor.py plot {self.metrics_path}", flush=True)
 
 
-def make_logger(report_to, output_dir, config):
+def make_logger(report_to, output_dir, config, run_name="intuitor"):
     """A tracker beside metrics.jsonl (which stays the source of truth): tensorboard or wandb, or None."""
     if report_to == "tensorboard":
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             die("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
-        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        writer = SummaryWriter(os.path.join(output_dir, "tensorboard", run_name))
 
         def to_tensorboard(record):
             for key, value in record.items():
@@ -186,7 +186,7 @@ def make_logger(report_to, output_dir, config):
             import wandb
         except ImportError:
             die("--report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline works offline)")
-        run = wandb.init(project="intuitor", dir=output_dir, config=config)
+        run = wandb.init(project="intuitor", name=run_name, dir=output_dir, config=config)
 
         def to_wandb(record):
             run.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])

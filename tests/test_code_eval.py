@@ -113,7 +113,7 @@ def test_extract_output():
 
 # ---------------------------------------------------------------- grading, known-good and known-bad answers
 def grade(benchmark, problem, completions):
-    return [correct for _, correct in B.grade_batch(benchmark, [problem], [completions], timeout=5)[0]]
+    return [g.correct for g in B.grade_batch(benchmark, [problem], [completions], timeout=5)[0]]
 
 
 def test_humaneval_grading():
@@ -216,9 +216,35 @@ def test_eval_script_runs_each_benchmark(tiny_dir, tmp_path, name):
         assert key in records[0], key
     for key in ("accuracy", "accuracy_ci95", "answer_found_frac", "self_certainty_vs_correctness", "system_prompt"):
         assert key in summary, key
-    assert summary["system_prompt"] == B.NEUTRAL_SYSTEM_PROMPT
+    assert summary["system_prompt"] == "neutral"  # recorded once, by name
     for key in B.BENCHMARKS[name].groups:
         assert f"accuracy_by_{key}" in summary
+    assert "boxed_frac" not in summary  # a math-only field
+    if name in ("humaneval", "mbpp", "livecodebench", "cruxeval"):  # programs: why each failed, and the counts
+        assert all(("failure" in r) and (r["failure"] is None) == r["correct"] for r in records)
+        assert sum(summary["failures"].values()) == sum(not r["correct"] for r in records)
+
+
+def test_failure_reasons_of_programs():
+    problem = B.load_problems("humaneval", os.path.join(DATA, "humaneval_tiny.jsonl"))[0]
+    completions = [
+        "no code here",
+        "```python\ndef broken(:\n```",
+        "```python\nimport time\ntime.sleep(30)\n```",
+        "```python\ndef has_close_elements(numbers, threshold):\n    return None\n```",
+        "```python\nraise RuntimeError('boom')\n```",
+    ]
+    graded = B.grade_batch("humaneval", [problem], [completions], timeout=2)[0]
+    assert [g.failure for g in graded] == ["no code block", "syntax error", "timeout", "wrong answer", "runtime error"]
+    assert not any(g.correct for g in graded)
+
+
+def test_eval_help_names_compare_and_its_required_flag():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--help"], capture_output=True, text=True)
+    usage = p.stdout.split("\n\n")[0]
+    assert "--model MODEL" in usage and "[--model MODEL]" not in usage  # required, and shown so
+    assert "python eval.py compare" in p.stdout
+    assert E.wilson_interval(0, 10)[0] == 0.0 and E.wilson_interval(10, 10)[1] == 1.0
 
 
 def test_eval_script_pass_at_k_and_selection(tiny_dir, tmp_path):

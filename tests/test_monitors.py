@@ -178,7 +178,7 @@ def test_report_to_tensorboard_is_read_back(tiny_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     small_run(tiny_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--report_to", "tensorboard")
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard" / tmp_path.name))  # the run name: output_dir's folder
     events.Reload()
     logged = [e.value for e in events.Scalars("train/self_certainty")]
     assert logged == pytest.approx([r["train/self_certainty"] for r in metrics(tmp_path)], rel=1e-6)

@@ -142,7 +142,7 @@ def test_bad_eval_input_is_one_error_line(tiny_dir, tmp_path, argv, needle):
 
 
 def test_eval_without_model_says_it_is_required():
-    assert_one_error_line(script("eval.py"), "--model is required")
+    assert_one_error_line(script("eval.py"), "required: --model")
 
 
 # ---------------------------------------------------------------- non-finite values never reach a checkpoint
