@@ -4,6 +4,7 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
 
     1 GPU / CPU : python intuitor.py --model Qwen/Qwen2.5-1.5B
     8 GPUs      : torchrun --standalone --nproc_per_node=8 intuitor.py --model Qwen/Qwen2.5-1.5B
+    7B and up   : torchrun ... intuitor.py --model Qwen/Qwen2.5-7B --parallel fsdp (sharded; see README)
     curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
 The algorithm, one optimizer step (paper Sec. 3, Eq. 3-5):
@@ -681,7 +682,7 @@ class Run:
     rt: process.Runtime  # rank, world size, device, autocast
     policy: torch.nn.Module  # the transformers causal LM being trained: sampled from, updated, saved
     sampling_policy: torch.nn.Module  # the policy itself, or its bf16 copy (--sampling_weights bf16)
-    policy_scorer: torch.nn.Module  # the policy's weights as a CompletionLogProbs, DDP-wrapped on several ranks
+    policy_scorer: torch.nn.Module  # the policy's weights as a CompletionLogProbs; DDP-wrapped or FSDP2-sharded
     ref_scorer: torch.nn.Module | None  # the frozen initial model as a CompletionLogProbs (KL, offline SC)
     tokenizer: object
     optimizer: torch.optim.Optimizer

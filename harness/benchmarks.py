@@ -7,6 +7,7 @@ answer is read from a completion (a \\boxed{} or a number, a fenced program, a l
 eval.py samples the model and keeps the statistics.
 """
 
+import ast
 import json
 import os
 import re
@@ -185,6 +186,26 @@ LIVECODEBENCH_IMPORTS = (
 )
 
 
+def literal(text):
+    """(value, True) for a Python literal (numbers, strings, tuples, lists, dicts, sets, None, booleans), else
+    (None, False): nothing is executed, so no object with a rigged __eq__ can come out of it."""
+    try:
+        return ast.literal_eval(text.strip()), True
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None, False
+
+
+class Prediction:
+    """A CRUXEval-O prediction, matched by value against what the function printed."""
+
+    def __init__(self, text):
+        self.value, self.ok = literal(text)
+
+    def matches(self, printed):
+        got, ok = literal(printed)
+        return self.ok and ok and got == self.value
+
+
 def programs(benchmark, problem, code):
     """The sandbox jobs that decide a sample, each with the stdout it must print (None: running to the end of
     its tests is enough). Tests run after the program, so a sys.exit(0) in it fails instead of skipping them.
@@ -192,8 +213,9 @@ def programs(benchmark, problem, code):
     redefine the whole function; tests: the benchmark's check(entry point). MBPP: the code; tests: the setup
     (which may use the code's classes) and the asserts. LiveCodeBench: the standard-library imports its own
     harness puts first (starter code says `List[int]`), the code; call-based problems run every test against
-    Solution().method in one job, stdin problems one job per test. CRUXEval-O: `assert f(input) == prediction`
-    after the function."""
+    Solution().method in one job, stdin problems one job per test. CRUXEval-O: the (trusted) function prints
+    repr(f(input)); the prediction is never run: it is read as a Python literal here, outside the sandbox, and
+    compared by value with the printed one (Prediction)."""
     if benchmark == "humaneval":
         return [
             (
@@ -206,7 +228,7 @@ def programs(benchmark, problem, code):
     if benchmark == "mbpp":
         return [(sandbox.Job(code, tests=problem["test_setup_code"] + "\n" + "\n".join(problem["test_list"])), None)]
     if benchmark == "cruxeval":
-        return [(sandbox.Job(problem["code"], tests=f"assert f({problem['input']}) == ({code})"), None)]
+        return [(sandbox.Job(problem["code"], tests=f"print(repr(f({problem['input']})))"), Prediction(code))]
     tests, code = livecodebench_tests(problem), LIVECODEBENCH_IMPORTS + code
     if tests and tests[0]["testtype"] == "functional":
         method = json.loads(problem["metadata"]).get("func_name")
@@ -286,6 +308,14 @@ def failure_of(answer, results, ok):
     return "runtime error"
 
 
+def expected(stdout, want):
+    """Whether a program's output is what its job wants: anything (None), the CRUXEval-O prediction's value, or
+    the test's expected text."""
+    if want is None:
+        return True
+    return want.matches(stdout) if isinstance(want, Prediction) else same_output(stdout, want)
+
+
 def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
     """A Graded (answer, correct, failure) for each completion of each problem. Math: tasks.extract_answer and
     math-verify; choice: the letter; code and CRUXEval-O: every job of a sample passes in the sandbox, all jobs
@@ -312,6 +342,6 @@ def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
         graded.append([])
         for answer, per_sample in zip(sample_answers, per_problem):
             ran = [next(results) for _ in per_sample]
-            ok = [r.passed and (want is None or same_output(r.stdout, want)) for (_, want), r in zip(per_sample, ran)]
+            ok = [r.passed and expected(r.stdout, want) for (_, want), r in zip(per_sample, ran)]
             graded[-1].append(Graded(answer, answer is not None and all(ok), failure_of(answer, ran, ok)))
     return graded

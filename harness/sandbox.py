@@ -2,18 +2,24 @@
 
     sandbox.run_many([sandbox.Job("def f(x):\n    return 2 * x", tests="assert f(2) == 4")])  # [Result(passed=True..)]
 
-Each program runs in its own process and session (so its whole process group can be killed), in a fresh
-temporary directory that is deleted afterwards, as user `nobody` when the grader runs as root (and nobody can
-run this Python: not when it lives under /root), with:
-  - a stripped environment (no inherited tokens or keys) and stdin from a file (the test's input) or empty;
-  - limits set by the child on itself before the program's first line: CPU seconds, address space, size
-    of any file it writes (stdout and stderr go to files, so printing gigabytes ends at the cap), processes;
-  - a wall-clock timeout, after which the whole process group is killed; leftovers are killed in any case;
-  - a guard that disables killing, forking and exec, and writing, deleting or renaming outside its directory.
-The OS limits are the enforcement; the guard is a seatbelt against accidents, since Python code can undo it
-(via ctypes, say). Run as root without the switch to nobody, the process limit does not bind (Linux exempts
-root) and only the guard stops forks. For programs written to attack the grader, run the evaluation in a
-container or VM.
+With bubblewrap (`bwrap`, Debian's `bubblewrap`) each program runs in a sandbox of its own:
+  - its own PID, network, IPC, UTS and mount namespaces: it sees no other process, reaches no network (not even
+    the host's localhost), and when the sandbox ends every process it started ends with it;
+  - a read-only view of the system, a private /tmp, and one writable directory that no other sample shares;
+  - uid 65534 (nobody), an empty environment, stdin from the test's input;
+  - limits set on itself before the program's first line (CPU seconds, address space, size of any file it
+    writes, so printing gigabytes ends at the cap) and a wall-clock timeout that kills the whole sandbox.
+Without bwrap (macOS, a container without user namespaces) it falls back, with one line saying so, to a plain
+process in its own session and directory (as nobody when the grader is root and nobody can run this Python).
+
+What decides the verdict is out of the program's reach as far as a process can put it: the program and its
+tests are read into memory before the program runs (so it cannot rewrite them), and "finished" is a secret
+that the runner receives through a pipe and writes back through another only after the tests ran to the end
+(no file to forge, nothing in argv or the environment). What in-process tests cannot stop, here as in
+HumanEval's execution.py, LiveCodeBench's and CRUXEval's harnesses: a program that patches the interpreter it
+shares with its tests (an object whose __eq__ is always true, a rebound builtin, reading the runner's frame).
+A seatbelt guard also disables killing, forking, exec and writes outside the sample's directory; Python code
+can undo it, which is why the namespaces, not the guard, are the isolation.
 Programs run in parallel, one per core by default.
 """
 
@@ -88,19 +94,28 @@ def guarded_os_open(path, flags, *args, **kwargs):
 builtins.open = io.open = guarded_open
 os.open = posix.open = guarded_os_open
 del builtins, io, posix, resource, shutil, subprocess, limit, value, module, name, paths
-namespace = {{"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}}
-finished = False  # marked in a file whose name the program is not told, so it cannot be faked by accident
-try:
-    exec(compile(open_file("program.py").read(), "program.py", "exec"), namespace)
-    if {has_tests}:  # sys.exit(0) inside the program must not skip them
-        exec(compile(open_file("tests.py").read(), "tests.py", "exec"), namespace)
-    finished = True
-except SystemExit as e:
-    finished = not {has_tests} and e.code in (None, 0)
-    raise
-finally:
-    if finished:
-        open_file({marker!r}, "w").close()
+def main():
+    secret = os.read({token_fd}, 64)  # the "finished" token: in no file, argument or environment variable
+    os.close({token_fd})
+    done, read_source = {done_fd}, open_file
+    sources = {source_dir!r}
+    program = read_source(os.path.join(sources, "program.py")).read()  # both read before the program runs
+    tests = read_source(os.path.join(sources, "tests.py")).read()
+    run_code, compile_code = exec, compile  # a program that rebinds the builtins cannot skip the tests
+    namespace = {{"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}}
+    finished = False
+    try:
+        run_code(compile_code(program, "program.py", "exec"), namespace)
+        if tests:  # sys.exit(0) inside the program must not skip them
+            run_code(compile_code(tests, "tests.py", "exec"), namespace)
+        finished = True
+    except SystemExit as e:
+        finished = not tests and e.code in (None, 0)
+        raise
+    finally:
+        if finished:
+            os.write(done, secret)
+main()
 """
 BLOCKED = (
     "kill killpg fork forkpty vfork setsid setpgid setuid setgid setreuid setregid system popen "
@@ -134,9 +149,42 @@ def processes_of(uid):
     return count
 
 
-def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16 << 20):
+@functools.cache
+def bubblewrap():
+    """The bwrap executable if it can start a sandbox here (user namespaces allowed), else None."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return None
+    probe = subprocess.run([path, "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True)
+    return path if probe.returncode == 0 else None
+
+
+def isolation():
+    """'bubblewrap', or 'process' (the fallback), said once in one line when it is the fallback."""
+    if bubblewrap():
+        return "bubblewrap"
+    if not getattr(isolation, "said", False):
+        isolation.said = True
+        print("sandbox: bwrap is not usable here, so programs run as plain processes under an in-process guard; "
+              "install bubblewrap (apt-get install bubblewrap) for OS isolation", file=sys.stderr)  # fmt: skip
+    return "process"
+
+
+def sandboxed(command, sources, env, disk_bytes):
+    """`command` inside a bubblewrap sandbox: `sources` read-only at /tmp/src, and a private tmpfs of
+    `disk_bytes` at /tmp/work, its working directory and the only place it can write."""
+    inside = env | {"HOME": "/tmp/work", "TMPDIR": "/tmp/work"}
+    return [bubblewrap(), "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
+            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--ro-bind", sources, "/tmp/src",
+            "--size", str(disk_bytes), "--tmpfs", "/tmp/work", "--chdir", "/tmp/work",
+            "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
+            *[x for key, value in inside.items() for x in ("--setenv", key, value)], "--", *command]  # fmt: skip
+
+
+def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16 << 20, disk_mb=64):
     """Run one program; never raises for anything the program does."""
-    as_nobody = os.geteuid() == 0 and others_can_run_python()
+    isolated = isolation() == "bubblewrap"
+    as_nobody = not isolated and os.geteuid() == 0 and others_can_run_python()
     uid = NOBODY if as_nobody else os.geteuid()
     limits = {
         "RLIMIT_CPU": int(timeout) + 1,
@@ -146,21 +194,31 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         "RLIMIT_CORE": 0,
     }
     home = tempfile.mkdtemp(prefix="sandbox-")
+    token_read, token_write = os.pipe()
+    done_read, done_write = os.pipe()
+    open_fds = {token_read, token_write, done_read, done_write}
+
+    def close(fd):  # once only: threads grading other samples reuse freed descriptor numbers
+        if fd in open_fds:
+            open_fds.discard(fd)
+            os.close(fd)
+
     try:
-        with open(os.path.join(home, "program.py"), "w") as f:
-            f.write(job.source)
-        with open(os.path.join(home, "tests.py"), "w") as f:
-            f.write(job.tests)
-        with open(os.path.join(home, "stdin.txt"), "w") as f:
-            f.write(job.stdin)
+        for name, text in (("program.py", job.source), ("tests.py", job.tests), ("stdin.txt", job.stdin)):
+            with open(os.path.join(home, name), "w") as f:
+                f.write(text)
         if as_nobody:
             for name in ("", "program.py", "tests.py", "stdin.txt"):
                 os.chown(os.path.join(home, name), NOBODY, NOBODY)
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        marker = f"finished-{secrets.token_hex(8)}"
-        runner = RUNNER.format(
-            limits=limits, blocked=BLOCKED, inside_only=INSIDE_ONLY, has_tests=bool(job.tests), marker=marker
-        )
+        secret = secrets.token_hex(16).encode()
+        os.write(token_write, secret)
+        close(token_write)
+        runner = RUNNER.format(limits=limits, blocked=BLOCKED, inside_only=INSIDE_ONLY, token_fd=token_read,
+                               done_fd=done_write, source_dir="/tmp/src" if isolated else home)  # fmt: skip
+        command = [sys.executable, "-I", "-B", "-c", runner]
+        if isolated:
+            command = sandboxed(command, home, env, disk_mb << 20)
         start = time.perf_counter()
         with (
             open(os.path.join(home, "stdin.txt")) as stdin,
@@ -169,40 +227,49 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         ):
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-I", "-B", "-c", runner],
+                    command,
                     cwd=home,
                     env=env,
                     stdin=stdin,
                     stdout=stdout,
                     stderr=stderr,
                     start_new_session=True,
-                    close_fds=True,
+                    pass_fds=(token_read, done_write),
                     **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
                 )
             except OSError as e:  # could not start it (out of processes or files): a failed sample
                 return Result(False, "failed", -1, "", f"sandbox: cannot start the program: {e}", 0.0)
+            finally:
+                close(token_read)
+                close(done_write)
             try:
                 returncode, status = process.wait(timeout=timeout), None
             except subprocess.TimeoutExpired:
                 returncode, status = -9, "timeout"
-            try:  # the whole group, on timeout and after a normal exit alike (children left running)
+            try:  # the whole group, on timeout and after a normal exit alike (bwrap's sandbox dies with it)
                 os.killpg(process.pid, 9)
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
         seconds = time.perf_counter() - start
+        os.set_blocking(done_read, False)
+        try:
+            finished = os.read(done_read, 64) == secret
+        except BlockingIOError:
+            finished = False
 
         def read(name, size):
             with open(os.path.join(home, name), errors="replace") as f:
                 return f.read(size)
 
-        finished = os.path.exists(os.path.join(home, marker))
         status = status or ("passed" if returncode == 0 and finished else "failed")
         stderr_text = read("stderr.txt", max_output_bytes)[-2000:]
         return Result(
             status == "passed", status, returncode, read("stdout.txt", max_output_bytes), stderr_text, seconds
         )
     finally:
+        for fd in list(open_fds):
+            close(fd)
         shutil.rmtree(home, ignore_errors=True)
 
 

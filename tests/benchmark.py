@@ -386,27 +386,34 @@ def sampling(args):
 # ----------------------------------------------------------------------------- 4. sandboxed grading
 def grading(args):
     """Grade every reference solution of a HumanEval file (hub columns) in the sandbox, one program at a time
-    and one per core; each must pass."""
-    import benchmarks
+    and one per core, isolated by bubblewrap and as plain processes (the fallback) side by side; each must pass."""
+    from harness import benchmarks, sandbox
 
     rows = [json.loads(line) for line in open(args.data)]
     if "canonical_solution" not in rows[0]:
         sys.exit("grading: --data must be HumanEval (openai/openai_humaneval columns), see README, Data")
     texts = [[f"```python\n{row['canonical_solution']}\n```"] for row in rows]
-    res = {1: [], os.cpu_count(): []}
-    for _ in range(args.rounds):
-        for workers in res:
+    problems = benchmarks.load_problems("humaneval", args.data)
+    bwrap = sandbox.bubblewrap()
+    modes = {"process": lambda: None, **({"bubblewrap": lambda: bwrap} if bwrap else {})}
+    res = {(mode, workers): [] for mode in modes for workers in (1, os.cpu_count())}
+    for _ in range(args.rounds):  # alternating, so that drifting load hits every side
+        for mode, workers in res:
+            sandbox.bubblewrap = modes[mode]
             t0 = time.time()
-            graded = benchmarks.grade_batch("humaneval", rows, texts, timeout=10, workers=workers)
-            res[workers].append(time.time() - t0)
-            passed = sum(correct for [(_, correct)] in graded)
-    print(f"\n4. sandboxed grading of {len(rows)} HumanEval reference solutions ({passed} pass), CPU {os.cpu_count()} "
+            graded = benchmarks.grade_batch("humaneval", problems, texts, timeout=10, workers=workers)
+            res[mode, workers].append(time.time() - t0)
+            passed = sum(g.correct for [g] in graded)
+            assert passed == len(rows), (mode, passed)
+    print(f"\n4. sandboxed grading of {len(rows)} HumanEval reference solutions (all pass), CPU {os.cpu_count()} "
           f"cores, {args.rounds} rounds alternating")  # fmt: skip
-    print("| programs at once | median s | programs/s |\n|---|---|---|")
-    for workers, times in res.items():
-        print(f"| {workers} | {statistics.median(times):.1f} | {len(rows) / statistics.median(times):.1f} |")
-    one, many = (statistics.median(v) for v in res.values())
-    print(f"ratio one per core / one at a time = {many / one:.2f}")
+    print("| isolation | programs at once | median s | programs/s |\n|---|---|---|---|")
+    for (mode, workers), times in res.items():
+        print(f"| {mode} | {workers} | {statistics.median(times):.1f} | {len(rows) / statistics.median(times):.1f} |")
+    if bwrap:
+        for workers in (1, os.cpu_count()):
+            ratio = statistics.median(res["bubblewrap", workers]) / statistics.median(res["process", workers])
+            print(f"ratio bubblewrap / process, {workers} at once = {ratio:.2f}")
 
 
 # ----------------------------------------------------------------------------- 5. memory plan

@@ -49,11 +49,8 @@ def fixed_update(model_dir, out, world, rank):
     loss_type = os.environ.get("LOSS_TYPE", "token")
     config = I.UpdateConfig(
         beta=0.05,
-        epsilon=0.2,
-        epsilon_high=0.2,
         loss_type=loss_type,
         micro_batch_size=3,
-        num_iterations=1,
         max_grad_norm=1e9,
     )  # no clipping: it would hide a scale error
     I.optimize(model, opt, sched, mine, tok.pad_token_id, config)

@@ -284,3 +284,132 @@ def test_eval_rejects_bad_grading_flags(flags):
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- graded by an attacker (OS isolation)
+WRONG = "def has_close_elements(numbers, threshold):\n    return False\n"  # fails HumanEval/0's tests
+
+
+def attacks(host, secret_port, bystander):
+    """name -> a wrong HumanEval/0 program that attacks the grader or the host in one way."""
+    reimport = "import sys\ndel sys.modules['subprocess']\nimport subprocess\n"
+    return {
+        # fake passes
+        "overwrite the tests": "open('tests.py', 'w').write('pass')\ntry:\n    open('/tmp/src/tests.py', 'w')\n"
+        "except OSError:\n    pass\n",
+        "rebind exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: 0\n",
+        "forge the marker": "import os\nfor n in os.listdir('.'):\n    open('finished-' + n, 'w').close()\n"
+        "print(open('/proc/self/cmdline').read())\nos._exit(0)\n",
+        "set the flag, exit 0": "import sys, atexit, os\nsys.modules['__main__'].finished = True\n"
+        "atexit.register(lambda: os._exit(0))\nsys.exit(0)\n",
+        # cross-sample corruption: a process left behind, in a new session
+        "leave a process": reimport + "subprocess.Popen(['sleep', '31.4159'], start_new_session=True)\n",
+        # escapes
+        "run commands": reimport + f"subprocess.run(['touch', {str(host / 'touched')!r}])\n",
+        "spawn": "import multiprocessing as m\nm.set_start_method('spawn')\n"
+        f"p = m.Process(target=open, args=({str(host / 'spawned')!r}, 'w'))\np.start()\np.join()\n",
+        "FileIO": f"import io\nio.FileIO({str(host / 'fileio')!r}, 'w').write(b'x')\n",
+        "keyword file calls": f"import os\nos.remove(path={str(host / 'precious.txt')!r})\n"
+        f"os.rename(src={str(host / 'precious.txt')!r}, dst='x')\n",
+        "mkdir": f"import os\nos.mkdir({str(host / 'made')!r})\n",
+        "pidfd kill": f"import os, signal\nfd = os.pidfd_open({bystander})\nsignal.pidfd_send_signal(fd, 9)\n",
+        "posix kill": f"import importlib, sys\ndel sys.modules['posix']\nimport posix\nposix.kill({bystander}, 9)\n",
+        "parent environment": "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())\n",
+        "localhost": f"import socket\nsocket.create_connection(('127.0.0.1', {secret_port}), timeout=2)"
+        ".sendall(b'x')\n",
+        # resources
+        "fork bomb": reimport + "while True:\n    subprocess.Popen(['sleep', '31.4159'])\n",
+        "threads": "import threading, time\nfor _ in range(10000):\n"
+        "    threading.Thread(target=time.sleep, args=(5,)).start()\n",
+        "memory": "x = bytearray(10 * 1024**3)\n",
+        "disk": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n    i += 1\n",
+        "output": "while True:\n    print('x' * 1_000_000)\n",
+    }
+
+
+def survivors():
+    """Processes of the attacks still running on the host (their sleep has a signature duration)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"31.4159" in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sandbox.bubblewrap(), reason="needs bubblewrap (apt-get install bubblewrap)")
+def test_attacks_through_grade_batch_fail_and_leave_the_host_intact(tmp_path, monkeypatch):
+    import socket
+
+    problem = B.load_problems("humaneval", os.path.join(DATA, "humaneval_tiny.jsonl"))[0]
+    (tmp_path / "precious.txt").write_text("keep")
+    monkeypatch.setenv("SECRET_TOKEN", "grader-secret")
+    bystander = subprocess.Popen(["sleep", "120"])
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.5)
+    hostile = attacks(tmp_path, server.getsockname()[1], bystander.pid)
+    completions = [fenced(WRONG + attack) for attack in hostile.values()] + [fenced(WRONG)] * 10
+    try:
+        graded = B.grade_batch("humaneval", [problem], [completions], timeout=5)[0]
+        with pytest.raises(TimeoutError):
+            server.accept()  # nobody reached the grader's localhost
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        server.close()
+    for name, g in zip([*hostile, *["plain wrong"] * 10], graded):
+        assert not g.correct, name  # every attack, and every wrong sample graded after them, fails
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"] and (tmp_path / "precious.txt").read_text() == "keep"
+    assert survivors() == []  # nothing left running: each sandbox's PID namespace died with it
+    seen = sandbox.run(sandbox.Job(hostile["parent environment"]), timeout=5).stdout
+    assert "grader-secret" not in seen  # the sandbox's /proc shows its own processes, their environment empty
+
+
+def test_out_of_reach_by_design_an_object_that_equals_everything(tmp_path):
+    """In-process tests compare with ==: a program returning an object whose __eq__ is always true passes,
+    here as in HumanEval's own harness (README, The sandbox). This test pins that limit down."""
+    problem = B.load_problems("humaneval", os.path.join(DATA, "humaneval_tiny.jsonl"))[0]
+    cheat = "class Yes:\n    def __eq__(self, other):\n        return True\n\n" \
+            "def has_close_elements(numbers, threshold):\n    return Yes()\n"  # fmt: skip
+    assert B.grade_batch("humaneval", [problem], [[fenced(cheat)]], timeout=5)[0][0].correct
+
+
+def test_cruxeval_predictions_are_values_never_code():
+    problem = B.load_problems("cruxeval", os.path.join(DATA, "cruxeval_tiny.jsonl"))[0]
+    injections = ["[ANSWER]0) or (1[/ANSWER]", "[ANSWER]__import__('os').system('true')[/ANSWER]",
+                  "[ANSWER]type('E', (), {'__eq__': lambda s, o: True})()[/ANSWER]"]  # fmt: skip
+    graded = B.grade_batch("cruxeval", [problem], [injections], timeout=5)[0]
+    assert not any(g.correct for g in graded)
+
+
+def test_programs_run_without_bubblewrap_too(monkeypatch, capsys):
+    """The fallback: a plain process under the guard, announced once; good programs pass, wrong ones fail."""
+    monkeypatch.setattr(sandbox, "bubblewrap", lambda: None)
+    monkeypatch.delattr(sandbox.isolation, "said", raising=False)
+    jobs = [
+        sandbox.Job("def f(x):\n    return 2 * x", tests="assert f(2) == 4"),
+        sandbox.Job("def f(x):\n    return 3 * x", tests="assert f(2) == 4"),
+        sandbox.Job("open('tests.py', 'w').write('pass')\ndef f(x):\n    return 3 * x", tests="assert f(2) == 4"),
+    ]
+    assert [r.passed for r in sandbox.run_many(jobs, timeout=5)] == [True, False, False]
+    assert capsys.readouterr().err.count("bwrap is not usable here") == 1
+
+
+REFERENCE_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(REFERENCE_DATA, "humaneval.jsonl")), reason="no local copies")
+def test_every_reference_solution_passes():
+    """All 164 HumanEval and 500 MBPP reference solutions pass in the sandbox."""
+    for name, file, solution in (("humaneval", "humaneval.jsonl", "canonical_solution"),
+                                 ("mbpp", "mbpp_test.jsonl", "code")):  # fmt: skip
+        problems = B.load_problems(name, os.path.join(REFERENCE_DATA, file))
+        rows = [json.loads(line) for line in open(os.path.join(REFERENCE_DATA, file))]
+        texts = [[fenced(row[solution])] for row in rows]
+        graded = B.grade_batch(name, problems, texts, timeout=20)
+        failed = [p.get("task_id") for p, g in zip(problems, graded) if not g[0].correct]
+        assert failed == [], (name, failed)

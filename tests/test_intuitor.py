@@ -240,11 +240,8 @@ def one_update(tokenizer, rollouts, micro_batch_size, loss_type):
         tokenizer.pad_token_id,
         I.UpdateConfig(
             beta=0.05,
-            epsilon=0.2,
-            epsilon_high=0.2,
             loss_type=loss_type,
             micro_batch_size=micro_batch_size,
-            num_iterations=1,
             max_grad_norm=1e9,
         ),
     )

@@ -152,11 +152,7 @@ def test_masked_truncated_completions_take_no_part_in_the_loss(tokenizer):
         opt = torch.optim.SGD(lm.parameters(), lr=1.0)
         config = I.UpdateConfig(
             beta=0.0,
-            epsilon=0.2,
-            epsilon_high=0.2,
-            loss_type="token",
             micro_batch_size=2,
-            num_iterations=1,
             max_grad_norm=1e9,
             mask_truncated_completions=mask,
         )

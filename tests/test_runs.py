@@ -172,9 +172,6 @@ def test_non_finite_gradient_never_reaches_the_weights(tokenizer, tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     config = I.UpdateConfig(
         beta=0.0,
-        epsilon=0.2,
-        epsilon_high=0.2,
-        loss_type="token",
         micro_batch_size=3,
         num_iterations=2,
         max_grad_norm=1.0,
