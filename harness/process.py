@@ -1,4 +1,4 @@
-"""The process a run lives in: flags and their checks, ranks, devices and collectives, model loading, the memory plan.
+"""The process a run lives in: flags and checks, ranks and devices, collectives, models and sharding, the memory plan.
 
 Bad input ends in `die`: one `error:` line naming the fix, before any model loads.
 """
