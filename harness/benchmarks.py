@@ -19,6 +19,8 @@ from harness import sandbox, tasks
 from harness.process import check_hub, die
 from harness.tasks import extract_answer, is_correct
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where data/ ships
+
 
 # ----------------------------------------------------------------------------- benchmarks
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def load_problems(name, data="", limit=0):
     (the user turn) and `gold` (the answer to match, for math, choice and CRUXEval-O; None for programs)."""
     spec = BENCHMARKS[name]
     if not data and not spec.hub:  # shipped with the repository
-        data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic_test.jsonl")
+        data = os.path.join(PROJECT_ROOT, "data", "arithmetic_test.jsonl")
     if data:
         rows = tasks.load_rows(data, "test", flag="--data")
     else:

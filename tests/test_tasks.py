@@ -49,3 +49,10 @@ def test_number_format_grades_unboxed_answers(tokenizer):
     I.grade(rollouts, ["56"], tokenizer, 4, "boxed")
     assert [r.correct for r in rollouts] == [False, False, False, True]
     assert I.compute_rewards(rollouts, {"plurality": 1.0}, 4)["plurality"].tolist() == [0, 0, 0, 1]
+
+
+def test_the_arithmetic_benchmark_finds_its_shipped_file_from_anywhere(tmp_path, monkeypatch):
+    from harness import benchmarks
+
+    monkeypatch.chdir(tmp_path)  # data/ is found beside harness/, not in the working directory
+    assert len(benchmarks.load_problems("arithmetic")) == 300
