@@ -363,10 +363,10 @@ def shard(scorer, rt):
     rank computes what one process would. Shards move to the run's device."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = scorer.lm.base_model.layers
-    for layer in layers:
-        fully_shard(layer, mesh=device_mesh(rt))
-    fully_shard(scorer, mesh=device_mesh(rt))
+    mesh = device_mesh(rt)
+    for layer in scorer.lm.base_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(scorer, mesh=mesh)
     scorer._get_fsdp_state()._lazy_init()  # the root first, before any forward runs through a layer alone
     return scorer
 
@@ -398,11 +398,18 @@ class unsharded:  # noqa: N801 - used as a context manager, like torch.no_grad
             unit.set_reshard_after_forward(unit is not self.units[0], recurse=False)  # the root keeps its own
 
 
+def is_sharded(module):
+    """Whether FSDP2 holds `module`'s parameters as shards (DTensors)."""
+    return any(hasattr(p, "to_local") for p in module.parameters())
+
+
 def full_state_dicts(policy, optimizer):
     """The policy's weights and AdamW state, full and keyed by parameter name, on rank 0's CPU (sharded weights
-    are gathered; every rank must call this). Empty on other ranks."""
+    are gathered; every rank must call this). Empty on other ranks, which copy nothing when weights are replicated."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    if not is_sharded(policy) and int(os.environ.get("RANK", 0)) != 0:
+        return {}, {}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_state_dict(policy, optimizer, options=options)
 
@@ -411,8 +418,8 @@ def load_full_optimizer_state(policy, optimizer, state):
     """Load a full, name-keyed AdamW state into replicated or sharded weights (each rank keeps its shard)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    sharded = any(hasattr(p, "to_local") for p in policy.parameters())  # full -> shards; replicated: as is
-    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=sharded))
+    full = is_sharded(policy)  # a full state into shards; replicated weights take it as is
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=full))
 
 
 def all_finite(module):
