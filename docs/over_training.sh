@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# Held-out accuracy over training (CPU-sized Table 1, seed 42): GRPO and INTUITOR at the documented budget,
-# a checkpoint every 10 steps, each evaluated greedily on the 300 held-out arithmetic problems.
-# Usage: bash docs/over_training.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [methods...]  (about 18 min a method)
+# Held-out accuracy over training (CPU-sized Table 1): each run at the documented budget saves a checkpoint every
+# 10 steps; the checkpoints at EVAL_STEPS are evaluated greedily on the 300 held-out arithmetic problems.
+# Usage: [EVAL_STEPS="20 40"] bash docs/over_training.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [runs...]
+# Runs: grpo, intuitor (seed 42), grpo_seed43/44, intuitor_seed43/44, offline (frozen scorer, paper Fig. 7),
+# intuitor_lr1e-5, intuitor_beta0.1. About 15-17 min of training a run on 2 cores and 75 s an evaluation.
 set -euo pipefail
 M=$1; shift
-METHODS=${*:-"grpo intuitor"}
+RUNS=${*:-"grpo intuitor"}
+STEPS=${EVAL_STEPS:-"10 20 30 40"}
 OUT=runs/over_training
 mkdir -p $OUT
+# Later flags override earlier ones, so each run below names only what it changes.
 COMMON="--model $M --dataset data/arithmetic_train.jsonl --prompt_column question --prompts_per_step 4
-  --num_generations 4 --max_completion_length 64 --max_steps 40 --learning_rate 5e-5 --micro_batch_size 8
-  --save_steps 10 --save_total_limit 0 --log_completions_steps 10 --seed 42"
-declare -A REWARD=([grpo]="--reward accuracy" [intuitor]="--reward self_certainty")
-for m in $METHODS; do
-  /usr/bin/time -f "$m train wall %e s" python intuitor.py $COMMON ${REWARD[$m]} --output_dir $OUT/$m > $OUT/$m.log 2>&1
-  for step in 10 20 30 40; do
-    /usr/bin/time -f "$m step $step eval wall %e s" python eval.py --model $OUT/$m/checkpoint-$step \
-        --benchmark arithmetic --max_new_tokens 64 --batch_size 100 --output $OUT/$m.step$step.eval.jsonl \
-        >> $OUT/$m.eval.log 2>&1
+  --num_generations 4 --max_completion_length 64 --max_steps 40 --learning_rate 5e-5 --beta 0.005
+  --micro_batch_size 8 --save_steps 10 --save_total_limit 0 --log_completions_steps 10 --seed 42"
+declare -A FLAGS=(
+  [grpo]="--reward accuracy"                 [intuitor]="--reward self_certainty"
+  [grpo_seed43]="--reward accuracy --seed 43" [intuitor_seed43]="--reward self_certainty --seed 43"
+  [grpo_seed44]="--reward accuracy --seed 44" [intuitor_seed44]="--reward self_certainty --seed 44"
+  [offline]="--reward self_certainty --certainty_model reference"
+  [intuitor_lr1e-5]="--reward self_certainty --learning_rate 1e-5"
+  [intuitor_beta0.1]="--reward self_certainty --beta 0.1"
+)
+for r in $RUNS; do
+  [[ -v FLAGS[$r] ]] || { echo "error: unknown run '$r'; choose from: ${!FLAGS[*]}" >&2; exit 2; }
+done
+for r in $RUNS; do
+  /usr/bin/time -f "$r train wall %e s" python intuitor.py $COMMON ${FLAGS[$r]} --output_dir $OUT/$r > $OUT/$r.log 2>&1
+  for step in $STEPS; do
+    /usr/bin/time -f "$r step $step eval wall %e s" python eval.py --model $OUT/$r/checkpoint-$step \
+        --benchmark arithmetic --max_new_tokens 64 --batch_size 100 --output $OUT/$r.step$step.eval.jsonl \
+        >> $OUT/$r.eval.log 2>&1
   done
 done

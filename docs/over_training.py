@@ -1,0 +1,207 @@
+"""The over-training records (docs/over_training/, written by docs/over_training.sh) as README tables and one figure.
+
+    python docs/over_training.py [docs/over_training] [--plot OUT.png]
+
+Reads each run's NAME.metrics.jsonl (training) and NAME.stepN.eval.jsonl + .summary.json (held-out evaluation);
+step 0 is the base model's evaluation, docs/table1/base.eval.jsonl. Prints, as markdown:
+  1. held-out accuracy at every evaluated step, per run;
+  2. Table 1 over seeds: per seed the accuracy and its paired (McNemar) p against the base, then mean ± SD;
+  3. training metrics averaged over steps 1-10, 11-20, 21-30, 31-40 (length, repetition, entropy, KL, the
+     policy's own self-certainty and the reward's, which is the frozen reference's in the offline run).
+Only records that exist are shown, so it can be run while the runs are still going.
+"""
+
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval import mcnemar_exact  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "docs", "table1", "base.eval.jsonl")
+SEEDS = {"grpo": ["grpo", "grpo_seed43", "grpo_seed44"], "intuitor": ["intuitor", "intuitor_seed43", "intuitor_seed44"]}
+ORDER = [
+    "grpo",
+    "grpo_seed43",
+    "grpo_seed44",
+    "intuitor",
+    "intuitor_seed43",
+    "intuitor_seed44",
+    "offline",
+    "intuitor_lr1e-5",
+    "intuitor_beta0.1",
+]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def evaluation(path):
+    """(per-problem correctness, summary) of one eval.py output."""
+    summary = json.load(open(os.path.splitext(path)[0] + ".summary.json"))
+    return [r["correct"] for r in read_jsonl(path)], summary
+
+
+def collect(folder):
+    """{run: {"evals": {step: (correct, summary)}, "metrics": [records]}} for every run with records."""
+    base = evaluation(BASE)
+    runs = {}
+    for path in glob.glob(os.path.join(folder, "*.step*.eval.jsonl")):
+        name, step = re.fullmatch(r"(.+)\.step(\d+)\.eval\.jsonl", os.path.basename(path)).groups()
+        runs.setdefault(name, {"evals": {0: base}, "metrics": []})["evals"][int(step)] = evaluation(path)
+    for name, run in runs.items():
+        metrics = os.path.join(folder, f"{name}.metrics.jsonl")
+        run["metrics"] = read_jsonl(metrics) if os.path.isfile(metrics) else []
+    return dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
+
+
+def accuracy_table(runs):
+    steps = sorted({s for run in runs.values() for s in run["evals"]})
+    print("| run | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for name, run in runs.items():
+        cells = [f"{run['evals'][s][1]['accuracy']:.3f}" if s in run["evals"] else "" for s in steps]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def detail_table(runs, names):
+    print("| run | step | held-out accuracy | vs base: b / c, p | mean SC | SC vs correct AUROC | mean length |")
+    print("|---|---|---|---|---|---|---|")
+    base = runs[names[0]]["evals"][0][0]
+    for name in names:
+        for step, (correct, s) in sorted(runs[name]["evals"].items()):
+            test = mcnemar_exact(base, correct)
+            paired = "" if step == 0 else f"{test['only_before']} / {test['only_after']}, {test['p_value']:.2g}"
+            auroc = s["self_certainty_vs_correctness"].get("auroc")
+            print(
+                f"| {name} | {step} | {s['accuracy']:.3f} | {paired} | {s['mean_self_certainty']:.2f} | "
+                f"{auroc:.2f} | {s['mean_length']:.1f} |"
+            )
+
+
+def seeds_table(runs):
+    """Per seed the accuracy at steps 20 and 40 with its McNemar p against the base; then mean ± sample SD."""
+    print("| method | step | seed 42 | seed 43 | seed 44 | mean ± SD over seeds |")
+    print("|---|---|---|---|---|---|")
+    for method, names in SEEDS.items():
+        for step in (20, 40):
+            have = [n for n in names if n in runs and step in runs[n]["evals"]]
+            cells, values = [], []
+            for n in names:
+                if n not in have:
+                    cells.append("")
+                    continue
+                correct, s = runs[n]["evals"][step]
+                p = mcnemar_exact(runs[n]["evals"][0][0], correct)["p_value"]
+                cells.append(f"{s['accuracy']:.3f} (p = {p:.2g})")
+                values.append(s["accuracy"])
+            spread = f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            print(f"| {method} | {step} | " + " | ".join(cells) + f" | {spread} |")
+
+
+WINDOWS = [(1, 10), (11, 20), (21, 30), (31, 40)]
+TRAINING = [
+    ("length", "train/completion_length", 1),
+    ("repeated 4-grams", "monitor/repeated_4gram_frac", 3),
+    ("entropy", "monitor/entropy", 2),
+    ("KL", "train/kl", 3),
+    ("own SC", "train/self_certainty", 2),
+    ("reward SC", "train/reward/self_certainty", 2),
+]
+
+
+def training_table(runs, names):
+    """Training metrics, each averaged over a window of 10 steps (one step is 16 completions: noisy)."""
+    print("| run | steps | " + " | ".join(t for t, _, _ in TRAINING) + " |")
+    print("|---|---|" + "---|" * len(TRAINING))
+    for name in names:
+        records = runs[name]["metrics"]
+        for lo, hi in WINDOWS:
+            window = [r for r in records if lo <= r["step"] <= hi]
+            if not window:
+                continue
+            cells = []
+            for _, key, digits in TRAINING:
+                values = [r[key] for r in window if r.get(key) is not None]
+                cells.append(f"{statistics.mean(values):.{digits}f}" if values else "")
+            print(f"| {name} | {lo}-{hi} | " + " | ".join(cells) + " |")
+
+
+def plot(runs, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {
+        "grpo": ("tab:blue", "-"),
+        "intuitor": ("tab:red", "-"),
+        "offline": ("tab:purple", "--"),
+        "intuitor_lr1e-5": ("tab:orange", "-."),
+        "intuitor_beta0.1": ("tab:green", ":"),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, run in runs.items():
+        method = name.split("_seed")[0]
+        colour, line = style.get(method, ("tab:gray", "-"))
+        seed = name != method
+        kw = {
+            "color": colour,
+            "linestyle": line,
+            "marker": "o",
+            "alpha": 0.45 if seed else 1.0,
+            "linewidth": 1.0 if seed else 2.0,
+            "label": name,
+        }
+        steps = sorted(run["evals"])
+        axes[0].plot(steps, [run["evals"][s][1]["accuracy"] for s in steps], **kw)
+        axes[1].plot(steps, [run["evals"][s][1]["mean_self_certainty"] for s in steps], **kw)
+        records = [r for r in run["metrics"] if r.get("monitor/entropy") is not None]
+        if records:
+            entropy = [r["monitor/entropy"] for r in records]
+            smooth = [statistics.mean(entropy[max(0, i - 4) : i + 1]) for i in range(len(entropy))]
+            axes[2].plot([r["step"] for r in records], smooth, **{**kw, "marker": None})
+    titles = [
+        "held-out accuracy (300 problems, greedy)",
+        "held-out mean self-certainty",
+        "training token entropy (5-step mean)",
+    ]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_xticks([0, 10, 20, 30, 40])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"\nfigure: {out}")
+
+
+def main(argv):
+    out = None
+    if "--plot" in argv:
+        i = argv.index("--plot")
+        out, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    folder = argv[0] if argv else os.path.join(ROOT, "docs", "over_training")
+    runs = collect(folder)
+    if not runs:
+        raise SystemExit(f"error: no NAME.stepN.eval.jsonl records in {folder}; run docs/over_training.sh first")
+    print("### Held-out accuracy at each evaluated step (step 0: the base model)\n")
+    accuracy_table(runs)
+    print("\n### Seeds\n")
+    seeds_table(runs)
+    single = [n for n in ["grpo", "intuitor", "offline", "intuitor_lr1e-5", "intuitor_beta0.1"] if n in runs]
+    print("\n### Every evaluated checkpoint (seed 42 runs)\n")
+    detail_table(runs, single)
+    print("\n### Training metrics, mean over 10 steps\n")
+    training_table(runs, [n for n in single if n != "grpo"])
+    if out:
+        plot(runs, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
