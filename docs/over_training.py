@@ -2,11 +2,13 @@
 
     python docs/over_training.py [docs/over_training] [--plot OUT.png]
 
-Reads each run's NAME.metrics.jsonl (training) and NAME.stepN.eval.jsonl + .summary.json (held-out evaluation);
-step 0 is the base model's evaluation, docs/table1/base.eval.jsonl. Prints, as markdown:
+Reads each run's training records, NAME.metrics.jsonl (or NAME/metrics.jsonl, as docs/over_training.sh leaves
+them in runs/over_training/), and its held-out evaluations, NAME.stepN.eval.jsonl + .summary.json; step 0 is the
+base model's evaluation, docs/table1/base.eval.jsonl. Prints, as markdown:
   1. held-out accuracy at every evaluated step, per run;
   2. Table 1 over seeds: per seed the accuracy and its paired (McNemar) p against the base, then mean ± SD;
-  3. training metrics averaged over steps 1-10, 11-20, 21-30, 31-40 (length, repetition, entropy, KL, the
+  3. every evaluated checkpoint of the seed-42 runs: paired p, mean self-certainty, its AUROC, mean length;
+  4. training metrics averaged over steps 1-10, 11-20, 21-30, 31-40 (length, repetition, entropy, KL, the
      policy's own self-certainty and the reward's, which is the frozen reference's in the offline run).
 Only records that exist are shown, so it can be run while the runs are still going.
 """
@@ -55,8 +57,8 @@ def collect(folder):
         name, step = re.fullmatch(r"(.+)\.step(\d+)\.eval\.jsonl", os.path.basename(path)).groups()
         runs.setdefault(name, {"evals": {0: base}, "metrics": []})["evals"][int(step)] = evaluation(path)
     for name, run in runs.items():
-        metrics = os.path.join(folder, f"{name}.metrics.jsonl")
-        run["metrics"] = read_jsonl(metrics) if os.path.isfile(metrics) else []
+        kept, live = os.path.join(folder, f"{name}.metrics.jsonl"), os.path.join(folder, name, "metrics.jsonl")
+        run["metrics"] = next((read_jsonl(p) for p in (kept, live) if os.path.isfile(p)), [])
     return dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
 
 
