@@ -9,7 +9,8 @@ base model's evaluation, docs/table1/base.eval.jsonl. Prints, as markdown:
   2. Table 1 over seeds: per seed the accuracy and its paired (McNemar) p against the base, then mean ± SD;
   3. every evaluated checkpoint of the seed-42 runs: paired p, mean self-certainty, its AUROC, mean length;
   4. training metrics averaged over steps 1-10, 11-20, 21-30, 31-40 (length, repetition, entropy, KL, the
-     policy's own self-certainty and the reward's, which is the frozen reference's in the offline run).
+     policy's own self-certainty and the reward's, which is the frozen reference's in the offline run);
+  5. wall times of training and of each evaluation, from the /usr/bin/time lines in the kept logs.
 Only records that exist are shown, so it can be run while the runs are still going.
 """
 
@@ -134,6 +135,20 @@ def training_table(runs, names):
             print(f"| {name} | {lo}-{hi} | " + " | ".join(cells) + " |")
 
 
+def wall_times(runs, folder):
+    """Seconds on 2 cores, from the /usr/bin/time lines docs/over_training.sh leaves in each run's logs."""
+    print("| run | training (s) | evaluations (s, one per checkpoint) |")
+    print("|---|---|---|")
+    for name in runs:
+        logs = [os.path.join(folder, f"{name}.{kind}.log") for kind in ("train", "eval")]
+        text = "".join(open(p, encoding="utf-8").read() for p in logs if os.path.isfile(p))
+        train = re.findall(rf"^{re.escape(name)} train wall ([\d.]+) s$", text, re.M)
+        evals = re.findall(rf"^{re.escape(name)} step \d+ eval wall ([\d.]+) s$", text, re.M)
+        print(
+            f"| {name} | {' '.join(f'{float(t):.0f}' for t in train)} | {', '.join(f'{float(t):.0f}' for t in evals)} |"
+        )
+
+
 def plot(runs, out):
     import matplotlib
 
@@ -201,6 +216,8 @@ def main(argv):
     detail_table(runs, single)
     print("\n### Training metrics, mean over 10 steps\n")
     training_table(runs, [n for n in single if n != "grpo"])
+    print("\n### Wall times\n")
+    wall_times(runs, folder)
     if out:
         plot(runs, out)
 
