@@ -1,0 +1,35 @@
+"""The README's over-training tables are what docs/over_training.py prints from the records kept in
+docs/over_training/: a number edited by hand, or a record replaced without the README, fails here."""
+
+import importlib.util
+import os
+
+from conftest import ROOT
+
+
+def over_training_report():
+    path = os.path.join(ROOT, "docs", "over_training.py")
+    spec = importlib.util.spec_from_file_location("over_training_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_over_training_tables_are_the_records(capsys):
+    over_training_report().main([])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    assert len(rows) > 30  # every table printed: accuracy, seeds, checkpoints, training metrics
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"README rows that differ from docs/over_training.py's output: {missing}"
+
+
+def test_seed_spread_is_mean_and_sample_sd(capsys):
+    report = over_training_report()
+    runs = report.collect(os.path.join(ROOT, "docs", "over_training"))
+    report.seeds_table(runs)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| grpo | 40 |"))
+    values = [runs[n]["evals"][40][1]["accuracy"] for n in report.SEEDS["grpo"] if n in runs]
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    assert row.endswith(f"| {mean:.3f} ± {sd:.3f} |")
