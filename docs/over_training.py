@@ -16,15 +16,17 @@ Only records that exist are shown, so it can be run while the runs are still goi
 
 import glob
 import json
+import math
 import os
 import re
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import mcnemar_exact  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from eval import mcnemar_exact, read_records  # noqa: E402
+from harness.runs import read_metrics  # noqa: E402
+
 BASE = os.path.join(ROOT, "docs", "table1", "base.eval.jsonl")
 SEEDS = {"grpo": ["grpo", "grpo_seed43", "grpo_seed44"], "intuitor": ["intuitor", "intuitor_seed43", "intuitor_seed44"]}
 ORDER = [
@@ -40,14 +42,10 @@ ORDER = [
 ]
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
 def evaluation(path):
     """(per-problem correctness, summary) of one eval.py output."""
     summary = json.load(open(os.path.splitext(path)[0] + ".summary.json"))
-    return [r["correct"] for r in read_jsonl(path)], summary
+    return [r["correct"] for r in read_records(path)], summary
 
 
 def collect(folder):
@@ -59,7 +57,7 @@ def collect(folder):
         runs.setdefault(name, {"evals": {0: base}, "metrics": []})["evals"][int(step)] = evaluation(path)
     for name, run in runs.items():
         kept, live = os.path.join(folder, f"{name}.metrics.jsonl"), os.path.join(folder, name, "metrics.jsonl")
-        run["metrics"] = next((read_jsonl(p) for p in (kept, live) if os.path.isfile(p)), [])
+        run["metrics"] = next((read_metrics(p) for p in (kept, live) if os.path.isfile(p)), [])
     return dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
 
 
@@ -93,10 +91,9 @@ def seeds_table(runs):
     print("|---|---|---|---|---|---|")
     for method, names in SEEDS.items():
         for step in (20, 40):
-            have = [n for n in names if n in runs and step in runs[n]["evals"]]
             cells, values = [], []
             for n in names:
-                if n not in have:
+                if n not in runs or step not in runs[n]["evals"]:
                     cells.append("")
                     continue
                 correct, s = runs[n]["evals"][step]
@@ -130,7 +127,7 @@ def training_table(runs, names):
                 continue
             cells = []
             for _, key, digits in TRAINING:
-                values = [r[key] for r in window if r.get(key) is not None]
+                values = [r[key] for r in window if not math.isnan(r.get(key, math.nan))]  # null reads as NaN
                 cells.append(f"{statistics.mean(values):.{digits}f}" if values else "")
             print(f"| {name} | {lo}-{hi} | " + " | ".join(cells) + " |")
 
@@ -140,7 +137,7 @@ def wall_times(runs, folder):
     print("| run | training (s) | evaluations (s, one per checkpoint) |")
     print("|---|---|---|")
     for name in runs:
-        logs = [os.path.join(folder, f"{name}.{kind}.log") for kind in ("train", "eval")]
+        logs = [os.path.join(folder, f"{name}{kind}.log") for kind in (".train", "", ".eval")]  # kept, as run
         text = "".join(open(p, encoding="utf-8").read() for p in logs if os.path.isfile(p))
         train = re.findall(rf"^{re.escape(name)} train wall ([\d.]+) s$", text, re.M)
         evals = re.findall(rf"^{re.escape(name)} step \d+ eval wall ([\d.]+) s$", text, re.M)
@@ -178,7 +175,7 @@ def plot(runs, out):
         steps = sorted(run["evals"])
         axes[0].plot(steps, [run["evals"][s][1]["accuracy"] for s in steps], **kw)
         axes[1].plot(steps, [run["evals"][s][1]["mean_self_certainty"] for s in steps], **kw)
-        records = [r for r in run["metrics"] if r.get("monitor/entropy") is not None]
+        records = [r for r in run["metrics"] if not math.isnan(r.get("monitor/entropy", math.nan))]
         if records:
             entropy = [r["monitor/entropy"] for r in records]
             smooth = [statistics.mean(entropy[max(0, i - 4) : i + 1]) for i in range(len(entropy))]

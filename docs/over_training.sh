@@ -3,7 +3,7 @@
 # 10 steps; the checkpoints at EVAL_STEPS are evaluated greedily on the 300 held-out arithmetic problems.
 # Usage: [EVAL_STEPS="20 40"] bash docs/over_training.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [runs...]
 # Runs: grpo, intuitor (seed 42), grpo_seed43/44, intuitor_seed43/44, offline (frozen scorer, paper Fig. 7),
-# intuitor_lr1e-5, intuitor_beta0.1. About 15-17 min of training a run on 2 cores and 75 s an evaluation.
+# intuitor_lr1e-5, intuitor_beta0.1. About 14-20 min of training a run on 2 cores and 70-145 s an evaluation.
 set -euo pipefail
 M=$1; shift
 RUNS=${*:-"grpo intuitor"}

@@ -19,7 +19,7 @@ def test_readme_over_training_tables_are_the_records(capsys):
     over_training_report().main([])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
-    assert len(rows) > 30  # every table printed: accuracy, seeds, checkpoints, training metrics
+    assert len(rows) > 30  # every table printed: accuracy, seeds, checkpoints, training metrics, wall times
     missing = [row for row in rows if row not in readme]
     assert not missing, f"README rows that differ from docs/over_training.py's output: {missing}"
 
