@@ -7,23 +7,27 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
     7B and up   : torchrun ... intuitor.py --model Qwen/Qwen2.5-7B --parallel fsdp (sharded; see README)
     curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
-The algorithm, one optimizer step (paper Sec. 3, Eq. 3-5):
+The algorithm, one optimizer step (paper Sec. 3, "Intuitor"; the paper's Algorithm is GRPO's):
   1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau);
   2. reward each by its self-certainty SC(o|q) = 1/|o| sum_i KL(U || p(.|q, o_<i)), read off the logits
-     the sampler computes anyway (no extra forward pass, temperature 1 = the raw distribution);
+     the sampler computes anyway (no extra forward pass; temperature 1 = the raw distribution);
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
-  4. minimise the clipped surrogate + beta * KL(pi || pi_ref) with the k3 estimator.
+  4. minimise the clipped surrogate + beta * KL(pi || pi_ref), KL by the k3 estimator.
 
 The file reads in that order, then the loop, then two appendices: a vocabulary-streamed lm_head (no
-tokens x |V| tensor, forward or backward) and a fixed-shape sampler for GPUs. Everything that is computed is
-here; harness/ holds how a run is kept (run directory, checkpoints), checked (flags, memory plan), watched
-(metrics, alarm, plots) and evaluated (tasks, benchmarks, sandbox).
+tokens x |V| tensor, forward or backward) and what only a GPU needs (a fixed-shape sampler, bf16 copies).
+The method is all here. harness/ holds what surrounds it: flag checks, ranks, model loading and the memory
+plan (process.py); the run directory, checkpoints and resume (runs.py); every logged metric, the
+reward-hacking alarm and plots (watch.py); datasets, answer extraction and grading (tasks.py), which the
+GRPO baselines and the accuracy monitor use; and the benchmarks and sandbox of eval.py.
 
 Before you fork:
   - token i is scored at position i-1 (the official `logits[:, -C:]` is off by one);
   - on GPU the policy keeps fp32 master weights under bf16 autocast;
   - every step re-seeds from (seed, step, rank), so a resumed run samples what an uninterrupted one would;
-  - a prompt's G completions share a rank, and the loss normaliser counts the tokens of all ranks.
+  - a prompt's G completions share a rank, and the loss normaliser counts the tokens of all ranks;
+  - rewards, loss aggregations and KL estimators are registries (REWARDS, LOSS_AGGREGATIONS, KL_ESTIMATORS):
+    one small function and one entry make a new flag value (docs/ablations.md).
 """
 
 import copy
@@ -84,18 +88,19 @@ class Args:
         "autocast", "bf16 runs: autocast over fp32 weights, or a bf16 copy"
     )
     # reward (step 2)
-    reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'")
+    reward: str = arg(
+        "self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5' (docs/ablations.md)"
+    )
     reward_mixing: Literal["separate", "official"] = arg(
         "separate", "several rewards: each normalised then weighted, or the official trainer's rule (mixed_advantages)"
     )
     certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
     # loss and optimizer (steps 3-4)
     beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model")
+    kl_estimator: str = arg("k3", "a name in KL_ESTIMATORS: k1, k2 or k3 (Schulman's estimators of KL(pi || pi_ref))")
     epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high")
-    loss_type: Literal["token", "grpo", "dapo", "bnpo", "dr_grpo"] = arg(
-        "token", "token (TRL: dapo): mean over the step's tokens; grpo: per sequence, then over sequences"
-    )
+    loss_type: str = arg("token", "a name in LOSS_AGGREGATIONS: token (TRL: dapo), grpo or dr_grpo; see aggregate_loss")
     scale_rewards: Literal["group", "batch", "none"] = arg(
         "group", "advantages divided by the group's reward std, the whole step's, or not at all (Dr. GRPO)"
     )
@@ -185,24 +190,30 @@ def stop_token_ids(tokenizer, policy):
 class Rollout:
     """One sampled completion and what the step learns about it; each field is filled by the stage named."""
 
-    # sample(): the completion and the sampling distribution's statistics
+    # sample(): the completion and what the sampler read off the distributions it was drawn from (the raw
+    # temperature-1 logits of the policy that sampled it)
     prompt: list  # prompt token ids (unpadded)
     completion: list  # sampled token ids, ending with a stop token unless truncated
-    self_certainty: float  # Eq. 4 under the policy that sampled it: the online INTUITOR reward
-    entropy: float  # mean token entropy (nats) of the same distributions
+    self_certainty: float  # SC(o|q), the mean of token_certainty: the online INTUITOR reward
+    entropy: float  # the mean of token_entropy
     truncated: bool  # cut off by max_completion_length
+    # per generated token, CPU float32 tensors of len(completion)
+    token_certainty: torch.Tensor | None = None  # self-certainty of each position's next-token distribution
+    token_entropy: torch.Tensor | None = None  # entropy (nats) of the same distributions
+    token_logp: torch.Tensor | None = None  # log p(o_i | q, o_<i) of each sampled token
     # grade(): only when a reward or the accuracy monitor needs the final answer
     answer: str | None = None  # extracted final answer
     correct: bool = False  # answer equals the gold one
+    answer_tokens: tuple | None = None  # [start, end) of the final answer in `completion` (when a reward asks)
     # reference_pass(): only when beta > 0 or certainty_model == "reference"
     ref_logp: torch.Tensor | None = None  # per-token log-probs under the frozen initial model, for the KL
-    self_certainty_ref: float | None = None  # Eq. 4 under the frozen initial model: the offline reward
-    # the loop: group-normalised reward (Eq. 3)
-    advantage: float = 0.0
+    self_certainty_ref: float | None = None  # SC(o|q) under the frozen initial model: the offline reward
+    # the loop: group-normalised reward; a float, or a (len(completion),) tensor for token-level rewards
+    advantage: float | torch.Tensor = 0.0
 
 
 def certainty_from(lse, mean_logit, vocab_size):
-    """Self-certainty (paper Eq. 4) from two statistics of the logits z:
+    """Self-certainty (the paper's definition, Sec. 3) from two statistics of the logits z:
     KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|; zero for a uniform distribution, positive otherwise.
 
     The only definition: the sampler feeds it full logits, the streamed lm_head its running logsumexp."""
@@ -257,35 +268,43 @@ def left_pad(prompts, pad_id, width, device, free_columns=0):
     return ids, mask, positions(mask[:, :width])
 
 
-def cache_argument(policy):
-    """The name under which the installed transformers takes the KV cache: `cache` from 5.24 on,
-    `past_key_values` before (5.24 warns that the old name goes in 5.40). Passed under a name the model does not
-    know, the cache would be dropped and every decode step would see one token alone."""
-    return "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
-
-
 class RunningStats:
-    """Per sequence: sums of self-certainty and entropy over its generated tokens, and its length."""
+    """What the sampler keeps of each decode step's logits (n sequences, at most C tokens each), per token:
+    self-certainty, entropy and the sampled token's log-prob, all from the raw temperature-1 logits (the
+    official code reads rewards there too; only the draw uses temperature, top-k and top-p). (n, C) floats,
+    never logits. The per-sequence sums are accumulated alongside, one decode step at a time."""
 
-    def __init__(self, n, device):
+    def __init__(self, n, max_new_tokens, device):
+        self.token = {key: torch.zeros(n, max_new_tokens, device=device) for key in ("certainty", "entropy", "logp")}
         self.certainty, self.entropy, self.length = (torch.zeros(n, device=device) for _ in range(3))
 
-    def add(self, logits, rows, alive=None):
-        """Add the distributions `logits` of the sequences `rows`; a row that is not `alive` adds nothing."""
+    def add(self, t, logits, tokens, rows, alive=None):
+        """Step t: the distributions `logits` of the sequences `rows` and the tokens drawn from them; a row that
+        is not `alive` (the fixed-shape sampler keeps finished rows in the batch) adds nothing.
+
+        A decode step holds one position per row, so its (rows, V) logits are small: self-certainty is read off
+        them directly. Scoring whole completions at once (reference_pass) is where a (tokens x V) tensor would
+        appear; there the streamed lm_head computes the same certainty_from without it."""
         certainty, token_entropy = self_certainty(logits), entropy(logits)
-        if alive is not None:  # the fixed-shape sampler: finished rows stay in the batch
-            certainty, token_entropy = torch.where(alive, certainty, 0.0), torch.where(alive, token_entropy, 0.0)
+        logp = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1)
+        if alive is not None:
+            certainty, token_entropy, logp = (torch.where(alive, x, 0.0) for x in (certainty, token_entropy, logp))
+        self.token["certainty"][rows, t] = certainty
+        self.token["entropy"][rows, t] = token_entropy
+        self.token["logp"][rows, t] = logp
         self.certainty[rows] += certainty
         self.entropy[rows] += token_entropy
         self.length[rows] += 1 if alive is None else alive
 
     def rollouts(self, prompts, num_generations, tokens, truncated):
-        """One Rollout per sequence, with its per-token means of self-certainty and entropy."""
+        """One Rollout per sequence: its per-token statistics and their means."""
+        token = {key: values.cpu() for key, values in self.token.items()}
         out = []
         for k, n_tokens in enumerate(self.length.long().tolist()):
             sc, ent = self.certainty[k].item() / n_tokens, self.entropy[k].item() / n_tokens
-            completion = tokens[k, :n_tokens].tolist()
-            out.append(Rollout(prompts[k // num_generations], completion, sc, ent, bool(truncated[k])))
+            completion, prompt = tokens[k, :n_tokens].tolist(), prompts[k // num_generations]
+            per_token = {f"token_{key}": token[key][k, :n_tokens].clone() for key in ("certainty", "entropy", "logp")}
+            out.append(Rollout(prompt, completion, sc, ent, bool(truncated[k]), **per_token))
         return out
 
 
@@ -296,13 +315,14 @@ def check_finite(logits):
 
 @torch.no_grad()
 def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0, top_p=1.0):
-    """Sample G completions per prompt with a KV cache, accumulating self-certainty on the way.
+    """Sample G completions per prompt with a KV cache, keeping each token's self-certainty on the way.
 
-    - Each prompt is prefilled once (left-padded) and its cache shared by its G samples.
-    - The logits that pick token i are the ones that predict it, so SC(o|q) (Eq. 4) costs no extra pass.
+    - Each prompt is prefilled once (left-padded, logits of its last position only); its KV cache is then
+      copied G times (batch_repeat_interleave), one row per sample.
+    - The logits that pick token i are the ones that predict it, so SC(o|q) costs no extra pass.
     - Finished sequences leave the batch and the KV cache: no compute is spent on them.
     - temperature 0 = greedy. One Rollout per sequence, a prompt's G samples adjacent."""
-    device, kv = next(policy.parameters()).device, cache_argument(policy)
+    device, kv = next(policy.parameters()).device, process.cache_argument(policy)  # transformers-version shim
     ids, mask, pos = left_pad(prompts, pad_id, max(map(len, prompts)), device)
     out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out[kv]
@@ -315,10 +335,10 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
 
     n = logits.shape[0]
     rows = torch.arange(n, device=device)  # which sequence each row of the shrinking batch belongs to
-    stats, tokens = RunningStats(n, device), torch.full((n, max_new_tokens), pad_id, device=device)
+    stats, tokens = RunningStats(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        stats.add(logits, rows)
         next_token = choose_tokens(logits, temperature, top_k, top_p)
+        stats.add(t, logits, next_token, rows)
         tokens[rows, t] = next_token
         done = torch.isin(next_token, stop)
         if done.all() or t == max_new_tokens - 1:
@@ -338,15 +358,34 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
 
 
 # ----------------------------------------------------------------------------- 2. rewards
-def grade(rollouts, golds, tokenizer, num_generations, answer_format="boxed"):
-    """Extract each completion's final answer and compare it with its prompt's gold one (harness/tasks.py)."""
+def grade(rollouts, golds, tokenizer, num_generations, answer_format="boxed", spans=False):
+    """Extract each completion's final answer and compare it with its prompt's gold one (harness/tasks.py);
+    with `spans`, also locate the answer's tokens (answer_token_span)."""
     for k, r in enumerate(rollouts):
         r.answer = tasks.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), answer_format)
         r.correct = tasks.is_correct(r.answer, golds[k // num_generations])
+        if spans:
+            r.answer_tokens = answer_token_span(tokenizer, r.completion, answer_format)
 
 
+def answer_token_span(tokenizer, completion, answer_format):
+    """[start, end) token indices of the completion's final answer (the last \\boxed{} content, or the last
+    number with answer_format "number"), or None. The text is decoded one token at a time so that character
+    offsets map back to tokens; a token counts when any of its characters falls inside the answer."""
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in completion]
+    span = tasks.answer_span("".join(pieces), answer_format)
+    if span is None:
+        return None
+    ends = torch.tensor([len(p) for p in pieces]).cumsum(0)  # each token's end offset
+    starts = ends - torch.tensor([len(p) for p in pieces])
+    inside = ((starts < span[1]) & (ends > span[0])).nonzero().squeeze(1)
+    return (inside[0].item(), inside[-1].item() + 1) if len(inside) else None
+
+
+# A reward is a function (rollouts, group size) -> one float per rollout, or one tensor of len(completion)
+# floats per rollout (a token-level reward: its advantages are token-level too, token_group_advantages).
 def online_self_certainty(rollouts, num_generations):
-    """INTUITOR: the policy's own self-certainty, accumulated by the sampler."""
+    """INTUITOR: the policy's own self-certainty SC(o|q), kept by the sampler."""
     return [r.self_certainty for r in rollouts]
 
 
@@ -356,7 +395,7 @@ def offline_self_certainty(rollouts, num_generations):
 
 
 def neg_entropy(rollouts, num_generations):
-    """Minus the mean token entropy of the sampling distribution."""
+    """Minus the mean token entropy of the raw (temperature-1) distributions the completion was drawn from."""
     return [-r.entropy for r in rollouts]
 
 
@@ -371,14 +410,40 @@ def plurality(rollouts, num_generations):
     return [vote for group in groups for vote in tasks.plurality_votes([r.answer for r in group])]
 
 
-# A reward is a function (rollouts, group size) -> one float per rollout; register it here to make it a flag.
+def token_self_certainty(rollouts, num_generations):
+    """Token level: each token's own self-certainty, so each token gets its own advantage (a token-level
+    intrinsic reward, as the token-level entropy reward of EM-RL: Agarwal et al., "The Unreasonable
+    Effectiveness of Entropy Minimization in LLM Reasoning", arXiv 2505.15134)."""
+    return [r.token_certainty for r in rollouts]
+
+
+def mean_logprob(rollouts, num_generations):
+    """RLSC-style: the mean log-probability of the sampled tokens (Li et al., "Confidence is All You Need:
+    Few-Shot RL Fine-Tuning of Language Models", arXiv 2506.06395)."""
+    return [r.token_logp.mean().item() for r in rollouts]
+
+
+def answer_self_certainty(rollouts, num_generations):
+    """Self-certainty over the final answer's tokens only, the whole completion when it has no answer
+    (confidence where the answer is written, as RENT finds most telling: Prabhudesai et al., "Maximizing
+    Confidence Alone Improves Reasoning", arXiv 2505.22660)."""
+    spans = [r.answer_tokens or (0, len(r.completion)) for r in rollouts]
+    return [r.token_certainty[a:b].mean().item() for r, (a, b) in zip(rollouts, spans)]
+
+
+# Register a reward here to make it a --reward value.
 REWARDS = {
     "self_certainty": online_self_certainty,
     "accuracy": accuracy,
     "plurality": plurality,
     "neg_entropy": neg_entropy,
+    "token_self_certainty": token_self_certainty,
+    "mean_logprob": mean_logprob,
+    "answer_self_certainty": answer_self_certainty,
 }
-NEEDS_ANSWERS = {"accuracy", "plurality"}
+NEEDS_ANSWERS = {"accuracy", "plurality", "answer_self_certainty"}  # grade() runs first
+NEEDS_ANSWER_SPANS = {"answer_self_certainty"}
+TOKEN_LEVEL = {"token_self_certainty"}  # rewards that return one value per token
 
 
 def parse_reward(spec):
@@ -400,18 +465,29 @@ def parse_reward(spec):
 
 
 def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
-    """Every named reward of every rollout, as tensors; certainty_model 'reference' makes SC the offline one."""
+    """Every named reward of every rollout: a (B,) tensor, or for a token-level reward a list of B tensors
+    (one value per completion token); certainty_model 'reference' makes SC the offline one."""
     offline = {"self_certainty": offline_self_certainty} if certainty_model == "reference" else {}
-    fns = {name: offline.get(name, REWARDS[name]) for name in names}
-    return {name: torch.tensor(fn(rollouts, num_generations), dtype=torch.float32) for name, fn in fns.items()}
+    rewards = {}
+    for name in names:
+        values = offline.get(name, REWARDS[name])(rollouts, num_generations)
+        is_token_level = len(values) > 0 and torch.is_tensor(values[0])
+        rewards[name] = [v.float() for v in values] if is_token_level else torch.tensor(values, dtype=torch.float32)
+    return rewards
+
+
+def per_sequence(rewards):
+    """Each reward as one value per rollout (a token-level reward: its mean over the completion), for logging."""
+    return {name: v if torch.is_tensor(v) else torch.stack([x.mean() for x in v]) for name, v in rewards.items()}
 
 
 # ----------------------------------------------------------------------------- 3. advantages and loss
 def group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
-    """GRPO advantages (paper Eq. 3): A_i = (r_i - mean(r_group)) / (std + eps).
+    """GRPO advantages (the paper's, from DeepSeekMath's GRPO): A_i = (r_i - mean(r_group)) / (std + eps).
 
     - std is the unbiased sample std of the group (`group`, the paper's and TRL's default), of every reward of
-      the step on all ranks (`batch`), or not used at all (`none`: A_i = r_i - mean(r_group), Dr. GRPO);
+      the step on all ranks (`batch`), or not used at all (`none`: A_i = r_i - mean(r_group), Dr. GRPO: Liu et
+      al., "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783);
     - a group of equal rewards gets exactly A = 0, never NaN."""
     r = rewards.view(-1, num_generations)
     centred = r - r.mean(1, keepdim=True)
@@ -425,6 +501,27 @@ def group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
     return torch.where(equal, 0.0, advantages).view(-1)  # allowed to push identical completions anywhere
 
 
+def token_group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
+    """Token-level advantages from token-level rewards (a list of per-completion tensors): the rule of
+    group_advantages with a group's tokens in place of its completions,
+
+        A_{i,t} = (r_{i,t} - mean over the group's tokens) / (std over the group's tokens + eps),
+
+    `batch` dividing by the std over every token of the step (all ranks), `none` by nothing; a group whose
+    tokens all have the same reward gets A = 0. Returns a list of tensors shaped like `rewards`."""
+    out = []
+    batch_std = global_std(torch.cat(rewards)) if scale == "batch" else None
+    for g in range(0, len(rewards), num_generations):
+        group = rewards[g : g + num_generations]
+        tokens = torch.cat(group)
+        divisor = {"group": tokens.std(), "batch": batch_std, "none": None}[scale]
+        equal = bool(tokens.amax() == tokens.amin())
+        for r in group:
+            a = r - tokens.mean()
+            out.append(torch.zeros_like(r) if equal else a if divisor is None else a / (divisor + eps))
+    return out
+
+
 def global_std(values):
     """Unbiased std of `values` over all ranks (float64 sums, so the cancellation stays small)."""
     v = values.double()
@@ -433,19 +530,30 @@ def global_std(values):
 
 
 def mixed_advantages(rewards, weights, num_generations, mixing="separate", scale="group"):
-    """Advantages of one reward, or of a weighted mix of several.
+    """Advantages of one reward, or of a weighted mix of several: a (B,) tensor, or a list of per-token tensors
+    when a reward is token-level (a sequence-level advantage then applies to each of its tokens).
 
     - `separate` (default): each reward normalised within its group, then weighted and summed. A weight keeps
       its meaning (0.5 = half the push), and weight 0 logs a reward without training on it.
-    - `official`: the official INTUITOR trainer's rule. The weighted sum of the rewards other than
-      self-certainty is normalised once, and self-certainty, normalised on its own, is added at its weight
-      (1 in the official code). With one such reward its weight cancels in the normalisation."""
+    - `official`: the official INTUITOR trainer's rule, for sequence-level rewards. The weighted sum of the
+      rewards other than self-certainty is normalised once, and self-certainty, normalised on its own, is added
+      at its weight (1 in the official code). With one such reward its weight cancels in the normalisation."""
 
     def normalised(r):
-        return group_advantages(r, num_generations, scale=scale)
+        if torch.is_tensor(r):
+            return group_advantages(r, num_generations, scale=scale)
+        return token_group_advantages(r, num_generations, scale=scale)
 
     if mixing == "separate":
-        return sum(w * normalised(rewards[name]) for name, w in weights.items())
+        parts = [(w, normalised(rewards[name])) for name, w in weights.items()]
+        if all(torch.is_tensor(a) for _, a in parts):
+            return sum(w * a for w, a in parts)
+        lengths = [len(x) for x in next(a for _, a in parts if not torch.is_tensor(a))]
+
+        def per_token(a):  # a sequence-level advantage, repeated over its completion's tokens
+            return a if not torch.is_tensor(a) else [a[k].expand(n) for k, n in enumerate(lengths)]
+
+        return [sum(w * per_token(a)[k] for w, a in parts) for k in range(len(lengths))]
     others = [w * rewards[name] for name, w in weights.items() if name != "self_certainty"]
     advantages = normalised(sum(others)) if others else 0.0
     if "self_certainty" in weights:
@@ -453,32 +561,94 @@ def mixed_advantages(rewards, weights, num_generations, mixing="separate", scale
     return advantages
 
 
-def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high):
-    """Clipped surrogate with KL penalty (paper Eq. 5), per token:
+# KL(pi || pi_ref) per token from samples of pi, r = log pi_ref - log pi (Schulman, "Approximating KL
+# Divergence", 2020, joschu.net/blog/kl-approx.html). All three are 0 where pi = pi_ref, but only k2 and k3
+# have a zero gradient there: k1's gradient is grad log pi, which pushes even at KL 0.
+def kl_k1(logp, ref_logp):
+    """k1 = -r: unbiased, can be negative."""
+    return logp - ref_logp
+
+
+def kl_k2(logp, ref_logp):
+    """k2 = r^2 / 2: biased, >= 0, low variance."""
+    return 0.5 * (ref_logp - logp) ** 2
+
+
+def kl_k3(logp, ref_logp):
+    """k3 = exp(r) - r - 1: unbiased, >= 0 (the paper's, GRPO's and TRL's)."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high, kl_estimator="k3"):
+    """The GRPO objective the paper minimises, per token (the PPO clipped surrogate with a KL penalty):
 
         -[min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) - beta KL],  rho = pi / pi_old,
-        KL = exp(ref - logp) - (ref - logp) - 1   (k3 estimator of KL(pi || pi_ref), >= 0).
 
-    Returns the loss, the KL and where clipping binds (zero gradient there), all (B, C)."""
+    KL(pi || pi_ref) by KL_ESTIMATORS[kl_estimator]. `advantages` are (B,) (one per sequence) or (B, C) (one
+    per token). Returns the loss, the KL and where clipping binds (zero gradient there), all (B, C)."""
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon_high) * adv)
-    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)
+    kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if beta else torch.zeros_like(logp)
     clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     return -(surrogate - beta * kl), kl, clipped
 
 
-def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences):
-    """This micro-batch's share of the step's loss.
+class Normalisers(NamedTuple):
+    """The step's totals over all ranks and micro-batches: dividing by them makes the summed gradient
+    independent of how the step is split."""
 
-    - `token`: sum over its tokens / all tokens of the step;
-    - `grpo`: sum of its per-sequence means / all sequences of the step.
-    The totals are global (all ranks, all micro-batches), so the summed gradient does not depend on how the
-    step is split."""
-    loss = loss * completion_mask
-    if loss_type == "token":
-        return loss.sum() / total_tokens
-    return (loss.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / total_sequences
+    tokens: int  # completion tokens in the loss
+    sequences: int  # completions in the loss
+    max_completion_length: int  # --max_completion_length (Dr. GRPO's constant)
+
+
+def token_mean(loss, mask, n):
+    """`token`: sum over the tokens / all tokens of the step (DAPO's token-level average: Yu et al., "DAPO: An
+    Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476; TRL's `dapo`)."""
+    return loss.sum() / n.tokens
+
+
+def sequence_mean(loss, mask, n):
+    """`grpo`: each sequence's mean over its tokens, summed / all sequences of the step (GRPO's original)."""
+    return (loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / n.sequences
+
+
+def constant_mean(loss, mask, n):
+    """`dr_grpo`: sum over the tokens / (max_completion_length x all sequences of the step), a constant that
+    no completion's length changes (Dr. GRPO, arXiv 2503.20783)."""
+    return loss.sum() / (n.max_completion_length * n.sequences)
+
+
+LOSS_AGGREGATIONS = {"token": token_mean, "grpo": sequence_mean, "dr_grpo": constant_mean}
+TRL_LOSS_NAMES = {"dapo": "token"}  # TRL's name for the same aggregation, accepted by --loss_type
+
+
+def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences, max_completion_length=1):
+    """This micro-batch's share of the step's loss: LOSS_AGGREGATIONS[loss_type] of the masked per-token loss."""
+    n = Normalisers(total_tokens, total_sequences, max_completion_length)
+    return LOSS_AGGREGATIONS[loss_type](loss * completion_mask, completion_mask, n)
+
+
+def check_names(args, reward_weights):
+    """Flag values that name a registry entry, and combinations that cannot run: one error line each, before
+    any model loads. TRL's `dapo` becomes `token`."""
+    args.loss_type = TRL_LOSS_NAMES.get(args.loss_type, args.loss_type)
+    for flag, registry in (("loss_type", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
+        if getattr(args, flag) not in registry:
+            names = ", ".join(list(registry) + (list(TRL_LOSS_NAMES) if flag == "loss_type" else []))
+            die(f"--{flag}: unknown name {getattr(args, flag)!r}; choose from {names}")
+    token_level = TOKEN_LEVEL & reward_weights.keys()
+    if token_level and args.reward_mixing == "official":
+        die(f"--reward_mixing official mixes sequence-level rewards only; {', '.join(sorted(token_level))} is "
+            "token-level: use --reward_mixing separate")  # fmt: skip
+    policy_only = {"token_self_certainty", "answer_self_certainty"} & reward_weights.keys()
+    if policy_only and args.certainty_model == "reference":
+        die(f"--certainty_model reference replaces the self_certainty reward only; {', '.join(sorted(policy_only))} "
+            "reads the sampler's per-token values: use --certainty_model policy")  # fmt: skip
 
 
 def global_sum(x):
@@ -516,32 +686,69 @@ def micro_batches(rollouts, size, pad_id, device):
     return [(chunk, collate(chunk, pad_id, device)) for chunk in chunks]
 
 
+class CompletionLogProbs(torch.nn.Module):
+    """Wraps a causal LM so that forward(*Batch) returns, per completion token (B, C), a dict: `logp`, its
+    log-prob at `temperature` (with gradient when grad is enabled), and with with_certainty (no grad) also
+    `self_certainty` and `entropy` at temperature 1.
+
+    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
+    scored from column n_prompt + i - 1. The lm_head runs streamed (appendix): one (token chunk x vocabulary
+    slice) tile of logits at a time, never (tokens x |V|). DDP wraps this module and FSDP2 shards it (its own
+    parameters, the embedding, final norm and lm_head, form the root unit), so their hooks see that head."""
+
+    def __init__(self, lm, temperature, chunk_size, vocab_chunk, sharded=False):
+        super().__init__()
+        self.lm, self.temperature, self.sharded = lm, temperature, sharded
+        self.chunk_size, self.vocab_chunk = chunk_size, vocab_chunk
+
+    def forward(self, ids, attention_mask, n_prompt, completion_mask, with_certainty=False):
+        pos = positions(attention_mask)
+        out = self.lm.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+        h = out.last_hidden_state[:, n_prompt - 1 : -1][completion_mask]
+        targets = ids[:, n_prompt:][completion_mask]
+        weight = self.lm.get_output_embeddings().weight
+        tiles = (self.temperature, self.chunk_size, self.vocab_chunk)
+
+        def scatter(values):  # (tokens,) -> (B, C), zeros on padding
+            zeros = torch.zeros(completion_mask.shape, device=values.device)
+            return zeros.masked_scatter(completion_mask, values.float())
+
+        if torch.is_grad_enabled():
+            return {"logp": scatter(StreamedLogProbs.apply(h, weight, targets, *tiles, not self.sharded))}
+        stats = streamed_token_stats(h, weight, targets, *tiles, with_certainty=with_certainty)
+        return {key: scatter(v) for key, v in stats.items()}
+
+
 @torch.no_grad()
-def reference_pass(ref_scorer, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
+def reference_pass(ref_scorer, rollouts, micro_batch_size, pad_id, autocast=nullcontext, with_certainty=False):
     """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
-    from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
+    with_certainty, from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
     device = next(ref_scorer.parameters()).device
     for chunk, batch in micro_batches(rollouts, micro_batch_size, pad_id, device):
         with autocast():
-            stats = ref_scorer(*batch)
+            stats = ref_scorer(*batch, with_certainty=with_certainty)
         for k, r in enumerate(chunk):
             n = len(r.completion)
             r.ref_logp = stats["logp"][k, :n]
-            r.self_certainty_ref = stats["self_certainty"][k, :n].mean().item()
+            if with_certainty:
+                r.self_certainty_ref = stats["self_certainty"][k, :n].mean().item()
 
 
 @dataclass(frozen=True, kw_only=True)
 class UpdateConfig:
-    """The hyperparameters of one update: Eq. 5 (beta, clip range, loss averaging) and how it is run."""
+    """The hyperparameters of one update (the loss's beta, clip range, KL estimator and aggregation, and how
+    it is run); defaults are Args' own, and setup() takes every field from the flags (from_args)."""
 
-    beta: float = 0.005
-    epsilon: float = 0.2
-    epsilon_high: float = 0.2
-    loss_type: str = "token"
-    micro_batch_size: int = 4
-    num_iterations: int = 1  # mu: optimizer steps on the same rollouts
-    max_grad_norm: float = 1.0
-    mask_truncated_completions: bool = False  # truncated completions take no part in the loss
+    beta: float = Args.beta
+    kl_estimator: str = Args.kl_estimator
+    epsilon: float = Args.epsilon
+    epsilon_high: float = Args.epsilon_high
+    loss_type: str = Args.loss_type
+    max_completion_length: int = Args.max_completion_length  # the dr_grpo normaliser
+    micro_batch_size: int = Args.micro_batch_size
+    num_iterations: int = Args.num_iterations  # mu: optimizer steps on the same rollouts
+    max_grad_norm: float = Args.max_grad_norm
+    mask_truncated_completions: bool = Args.mask_truncated_completions
 
     @classmethod
     def from_args(cls, args):
@@ -561,19 +768,29 @@ def make_optimizer(policy, args, total_steps, state=None):
     return optimizer, scheduler
 
 
+def batch_advantages(chunk, device):
+    """A micro-batch's advantages: (b,) when each rollout has one, else (b, C), zero-padded past each completion."""
+    values = [r.advantage for r in chunk]
+    if not any(torch.is_tensor(a) for a in values):
+        return torch.tensor(values, device=device)
+    length = max(len(r.completion) for r in chunk)
+    rows = [a if torch.is_tensor(a) else torch.full((len(r.completion),), a) for a, r in zip(values, chunk)]
+    return torch.stack([torch.nn.functional.pad(a.float(), (0, length - len(a))) for a in rows]).to(device)
+
+
 def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
-    """Minimise Eq. 5 over one batch of rollouts (advantages set; ref_logp too when beta > 0).
+    """Minimise the loss over one batch of rollouts (advantages set; ref_logp too when beta > 0).
 
     - num_iterations optimizer steps, each accumulating gradients over micro-batches;
     - `policy_scorer` is a CompletionLogProbs, possibly DDP-wrapped;
     - an optimizer step whose gradient norm is not finite is skipped (and counted).
-    Returns the step's metrics, averaged over the num_iterations passes."""
+    Returns the step's metrics, each averaged over the num_iterations passes (skipped_updates: counted)."""
     c = config
     scorer = getattr(policy_scorer, "module", policy_scorer)  # the unwrapped module, for no-grad passes
     device = next(scorer.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     batches = micro_batches(rollouts, c.micro_batch_size, pad_id, device)
-    advantages = [torch.tensor([r.advantage for r in chunk], device=device) for chunk, _ in batches]
+    advantages = [batch_advantages(chunk, device) for chunk, _ in batches]
     in_loss = [torch.tensor([not (c.mask_truncated_completions and r.truncated) for r in chunk], device=device)
                for chunk, _ in batches]  # fmt: skip
     kept = [r for r in rollouts if not (c.mask_truncated_completions and r.truncated)]
@@ -592,21 +809,22 @@ def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, auto
     for _ in range(c.num_iterations):
         for j, (_, batch) in enumerate(batches):
             with reduce_gradients(policy_scorer, j == len(batches) - 1), autocast():
-                logp = policy_scorer(*batch)
+                logp = policy_scorer(*batch)["logp"]
                 old_logp = old_logps[j] if old_logps[j] is not None else logp.detach()
                 ref_logp = ref_logps[j] if ref_logps[j] is not None else logp.detach()
                 losses, kl, clipped = per_token_loss(
-                    logp, old_logp, ref_logp, advantages[j], c.beta, c.epsilon, c.epsilon_high
+                    logp, old_logp, ref_logp, advantages[j], c.beta, c.epsilon, c.epsilon_high, c.kl_estimator
                 )
                 mask = batch.completion_mask & in_loss[j][:, None]
-                loss = aggregate_loss(losses, mask, c.loss_type, total_tokens, total_sequences)
+                loss = aggregate_loss(losses, mask, c.loss_type, total_tokens, total_sequences, c.max_completion_length)
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
                 (loss * world_size).backward()
             metrics["loss"] += loss.item() / c.num_iterations
             metrics["kl"] += (kl * mask).sum().item() / total_tokens / c.num_iterations
             metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / c.num_iterations
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(scorer.parameters(), c.max_grad_norm).item()
-        if math.isfinite(metrics["grad_norm"]):  # the same on every rank: gradients are already all-reduced
+        grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), c.max_grad_norm).item()
+        metrics["grad_norm"] += grad_norm / c.num_iterations
+        if math.isfinite(grad_norm):  # the same on every rank: gradients are already all-reduced
             optimizer.step()
         else:  # a NaN/inf loss or gradient never reaches the weights
             metrics["skipped_updates"] += 1
@@ -617,25 +835,6 @@ def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, auto
     return metrics
 
 
-def freeze(model, bf16_matmuls):
-    """`model` made a frozen scorer or sampler (the reference, the bf16 sampling copy), in place; with
-    bf16_matmuls, its matrix multiplications hold bf16 weights and everything else stays fp32.
-
-    - Under bf16 autocast that computes exactly what the fp32 policy computes: autocast rounds the policy's
-      nn.Linear weights (and biases) to the same bf16 numbers, and the embedding, the norms and the RoPE
-      frequencies are fp32 in both. So at step 0 the KL to the reference is 0, and rollouts sampled from the
-      copy carry the self-certainty of the policy being trained.
-    - A blanket .to(bf16) would round RoPE's inv_freq (phase errors of radians at position 3000) and run the
-      norms and the residual stream in bf16: a different model.
-    - An lm_head tied to the input embedding stays fp32 with it."""
-    model.requires_grad_(False).eval()
-    embedding = model.get_input_embeddings().weight
-    for module in model.modules() if bf16_matmuls else []:
-        if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
-            module.to(torch.bfloat16)
-    return model
-
-
 def reduce_gradients(policy_scorer, last):
     """Gradients are reduced across ranks once per optimizer step, on its last micro-batch; before it, each rank
     accumulates its own. DDP: no_sync(); FSDP2: set_requires_gradient_sync. A context for the micro-batch."""
@@ -644,14 +843,6 @@ def reduce_gradients(policy_scorer, last):
     if hasattr(policy_scorer, "set_requires_gradient_sync"):
         policy_scorer.set_requires_gradient_sync(last)
     return nullcontext()
-
-
-@torch.no_grad()
-def copy_weights(source, target):
-    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype. A sharded
-    (FSDP2) parameter is gathered one at a time: every rank calls this, and never holds more than one in full."""
-    for dst, src in zip(target.parameters(), source.parameters(), strict=True):
-        dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -717,18 +908,21 @@ def sample_step(run, prompts):
 
 
 def reward_step(run, rollouts, prompts):
-    """2. Every reward of --reward. Final answers are graded only for GRPO / GRPO-PV or the accuracy monitor;
-    the frozen initial model scores the rollouts for the KL term (and for offline self-certainty)."""
+    """2. Every reward of --reward. Final answers are graded only when a reward or the accuracy monitor needs
+    them; the frozen initial model scores the rollouts for the KL term (and for offline self-certainty)."""
     a, G = run.args, run.args.num_generations
     if run.grade_answers:
-        grade(rollouts, [p.gold for p in prompts], run.tokenizer, G, run.answer_format)
+        spans = bool(NEEDS_ANSWER_SPANS & run.reward_weights.keys())
+        grade(rollouts, [p.gold for p in prompts], run.tokenizer, G, run.answer_format, spans)
     if run.ref_scorer is not None:
-        reference_pass(run.ref_scorer, rollouts, a.micro_batch_size, run.tokenizer.pad_token_id, run.rt.autocast)
+        offline = a.certainty_model == "reference"
+        reference_pass(run.ref_scorer, rollouts, a.micro_batch_size, run.tokenizer.pad_token_id, run.rt.autocast,
+                       with_certainty=offline)  # fmt: skip
     return compute_rewards(rollouts, run.reward_weights, G, a.certainty_model)
 
 
 def update_step(run, rollouts, step):
-    """4. Minimise Eq. 5 on the step's rollouts, guarded: a non-finite gradient skips the optimizer step (three
+    """4. Minimise the loss on the step's rollouts, guarded: a non-finite gradient skips the optimizer step (three
     in a row stop the run), an update that makes a weight non-finite stops it before anything is saved."""
     run.policy.train()
     config = UpdateConfig.from_args(run.args)
@@ -739,7 +933,7 @@ def update_step(run, rollouts, step):
         die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
     if not process.all_finite(run.policy):  # a finite gradient, too large a step
         die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
-    if run.sampling_policy is not run.policy:
+    if run.sampling_policy is not run.policy:  # --sampling_weights bf16 (appendix)
         copy_weights(run.policy, run.sampling_policy)
     return update
 
@@ -758,7 +952,8 @@ def checkpoint_step(run, step):
 
 
 def train(args):
-    """Algorithm 1: per step, sample -> reward -> advantage -> update, then log and checkpoint."""
+    """The training loop (GRPO's, with self-certainty as the reward): per step, sample -> reward -> advantage ->
+    update, then log and checkpoint."""
     run = setup(args)
     G, rank = args.num_generations, run.rt.rank
     bar = dict(initial=run.start_step, total=run.max_steps, disable=not watch.progress_bars(rank), desc="steps")
@@ -766,25 +961,26 @@ def train(args):
         seed_step(args.seed, step, rank)
         prompts = step_prompts(run.prompts, step, args.prompts_per_step, rank, run.rt.world_size, args.seed)
 
-        # 1. sample G completions per prompt; the sampler accumulates each one's self-certainty (Eq. 4)
+        # 1. sample G completions per prompt; the sampler keeps each token's self-certainty
         t0 = time.time()
         rollouts = sample_step(run, prompts)
-        sample_s, t0 = time.time() - t0, time.time()
+        t1 = time.time()
 
-        # 2. rewards: self-certainty for INTUITOR (or the rewards of the baselines)
+        # 2. rewards: self-certainty for INTUITOR (or the rewards of the baselines and ablations)
         rewards = reward_step(run, rollouts, prompts)
+        t2 = time.time()
 
-        # 3. group-normalised advantages (Eq. 3); groups never straddle ranks
+        # 3. group-normalised advantages; groups never straddle ranks
         advantages = mixed_advantages(rewards, run.reward_weights, G, args.reward_mixing, args.scale_rewards)
-        for r, advantage in zip(rollouts, advantages.tolist()):
+        for r, advantage in zip(rollouts, advantages.tolist() if torch.is_tensor(advantages) else advantages):
             r.advantage = advantage
 
-        # 4. policy update: minimise the clipped surrogate + beta KL (Eq. 5)
+        # 4. policy update: minimise the clipped surrogate + beta KL
         lr = run.scheduler.get_last_lr()[0]
         update = update_step(run, rollouts, step)
-        update_s = time.time() - t0
+        timings = {"sample_s": t1 - t0, "reward_s": t2 - t1, "update_s": time.time() - t2}
 
-        run.watcher.record(step + 1, rollouts, rewards, update, lr, sample_s, update_s)
+        run.watcher.record(step + 1, rollouts, per_sequence(rewards), update, lr, timings)
         checkpoint_step(run, step + 1)
     run.watcher.done(run.run_dir.checkpoint_path(run.max_steps))
     if run.rt.world_size > 1:
@@ -799,6 +995,7 @@ def setup(args):
     rt = process.runtime_from_env(args.device, args.dtype)
     process.check_train_args(args, rt)
     reward_weights = parse_reward(args.reward)
+    check_names(args, reward_weights)
     # first, so that a check failing on rank 0 alone stops every rank (process.on_first_rank)
     process.init_distributed(rt, always=args.parallel == "fsdp")
     resume = args.resume or bool(args.resume_from_checkpoint)
@@ -821,18 +1018,19 @@ def setup(args):
     n_params = sum(p.numel() for p in policy.parameters())
     process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
 
-    sharded, tiles = args.parallel == "fsdp", (args.temperature, args.chunk_size, args.vocab_chunk_size)
+    sharded = args.parallel == "fsdp"
+    scoring = (args.temperature, args.chunk_size, args.vocab_chunk_size)  # log-probs at temperature; tile sizes
     ref_scorer = None
     if args.beta > 0 or args.certainty_model == "reference":  # the initial model, also when resuming
         ref = process.load_model(args.model, model_device)[0] if checkpoint else copy.deepcopy(policy)
-        # sharded: fp32 shards under autocast (4 bytes / world size a parameter); else bf16 matmul weights
-        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16 and not sharded), *tiles, sharded)
+        # frozen; on GPU its matmul weights become bf16, computing what the policy computes (freeze, appendix)
+        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16 and not sharded), *scoring, sharded)
     sampling_policy = policy
-    if args.sampling_weights == "bf16":  # sample from a full bf16 copy on every rank, refreshed after every update
+    if args.sampling_weights == "bf16":  # a full bf16 copy on every rank, refreshed after every update (appendix)
         sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True).to(rt.device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_scorer = CompletionLogProbs(policy, *tiles, sharded)
+    policy_scorer = CompletionLogProbs(policy, *scoring, sharded)
     if sharded:  # FSDP2: weights, gradients and AdamW state sharded per decoder layer, on the GPU
         policy_scorer, ref_scorer = process.shard(policy_scorer, rt), ref_scorer and process.shard(ref_scorer, rt)
     elif rt.world_size > 1:
@@ -886,16 +1084,19 @@ def setup(args):
 # ----------------------------------------------------------------------------- appendix: the streamed lm_head
 # Scoring a 3k-token completion with a 150k vocabulary would hold a (tokens x |V|) logits tensor (1.7 GB in fp32
 # per sequence). Below, the same quantities one (token chunk x vocabulary slice) tile at a time, both directions.
+# One online-logsumexp rule throughout: lse <- logaddexp(lse, logsumexp(tile)); a running sum of e^(z - lse)
+# terms is rescaled by e^(old lse - new lse) whenever lse grows.
 def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=None):
-    """One token chunk through the lm_head, one vocabulary slice at a time (an online logsumexp keeps a few
-    numbers per token): the target log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean
-    row of the lm_head weight), also self-certainty and entropy at temperature 1, as mean_j z_j = h . w̄."""
+    """One token chunk through the lm_head, one vocabulary slice at a time (a few numbers per token): the target
+    log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean row of the lm_head weight), also
+    self-certainty and entropy at temperature 1, from mean_j z_j = h . w̄ and sum_j p_j z_j."""
     n, V = h.shape[0], weight.shape[0]
     lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
     target = torch.zeros(n, device=h.device)
-    # temperature 1, for entropy: running max, sum e^(z - max) and sum e^(z - max) z
-    run_max = torch.full((n,), -math.inf, device=h.device)
-    exp_sum, exp_z_sum = torch.zeros(n, device=h.device), torch.zeros(n, device=h.device)
+    # temperature 1: logsumexp of z so far, and the sums of e^(z_j - lse1) and of e^(z_j - lse1) z_j, whose
+    # ratio is E_p[z] (a ratio, so lse1's rounding cancels); float64, as they are rescaled at every slice
+    lse1 = torch.full((n,), -math.inf, device=h.device, dtype=torch.float64)
+    p_1, p_z = (torch.zeros(n, device=h.device, dtype=torch.float64) for _ in range(2))
     for v0 in range(0, V, vocab_chunk):
         z = (h @ weight[v0 : v0 + vocab_chunk].T).float()
         z_t = z / temperature if temperature != 1 else z
@@ -903,28 +1104,32 @@ def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=N
         in_this_slice = (targets >= v0) & (targets < v0 + z.shape[1])
         column = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
         target += torch.where(in_this_slice, z_t.gather(1, column).squeeze(1), 0.0)
-        if mean_row is not None:  # rescale the running sums whenever the max grows
-            new_max = torch.maximum(run_max, z.max(-1).values)
-            scale, e = torch.exp(run_max - new_max), torch.exp(z - new_max[:, None])
-            exp_sum, run_max = exp_sum * scale + e.sum(-1), new_max
-            exp_z_sum = exp_z_sum * scale + e.mul_(z).sum(-1)
+        if mean_row is not None:
+            new_lse1 = torch.logaddexp(lse1, torch.logsumexp(z, -1).double())
+            e, rescale = torch.exp(z - new_lse1[:, None].float()), torch.exp(lse1 - new_lse1)
+            p_1, p_z = p_1 * rescale + e.sum(-1).double(), p_z * rescale + (e * z).sum(-1).double()
+            lse1 = new_lse1
     stats = {"logp": target - lse, "lse": lse}
     if mean_row is not None:
-        lse1 = run_max + torch.log(exp_sum)
-        stats["self_certainty"] = certainty_from(lse1, h.float() @ mean_row, V)
-        stats["entropy"] = lse1 - exp_z_sum / exp_sum
+        stats["self_certainty"] = certainty_from(lse1.float(), h.float() @ mean_row, V)
+        stats["entropy"] = (lse1 - p_z / p_1).float()
     return stats
 
 
 @torch.no_grad()
-def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096):
-    """Per-token log p(target) at `temperature`, self-certainty (Eq. 4) and entropy at temperature 1,
-    from hidden states (N, H) and lm_head weight (V, H); memory O(chunk_size x vocab_chunk)."""
-    row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
-    mean_row = row_sum / weight.shape[0]
+def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096,
+                         with_certainty=True):  # fmt: skip
+    """Per-token log p(target) at `temperature` and, with_certainty, self-certainty and entropy at temperature 1
+    (the same certainty_from as the sampler's), from hidden states (N, H) and lm_head weight (V, H); memory
+    O(chunk_size x vocab_chunk)."""
+    mean_row = None
+    if with_certainty:
+        row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
+        mean_row = row_sum / weight.shape[0]
     chunks = zip(h.split(chunk_size), targets.split(chunk_size))
     per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
-    return {key: torch.cat([s[key] for s in per_chunk]) for key in ("logp", "self_certainty", "entropy")}
+    keys = ("logp", "self_certainty", "entropy") if with_certainty else ("logp",)
+    return {key: torch.cat([s[key] for s in per_chunk]) for key in keys}
 
 
 class StreamedLogProbs(torch.autograd.Function):
@@ -976,35 +1181,36 @@ class StreamedLogProbs(torch.autograd.Function):
         return grad_h.to(h.dtype), grad_w, None, None, None, None, None
 
 
-class CompletionLogProbs(torch.nn.Module):
-    """Wraps a causal LM so that forward(*Batch) returns completion-token statistics from hidden states.
+# ----------------------------------------------------------------------------- appendix: what only a GPU needs
+def freeze(model, bf16_matmuls):
+    """`model` made a frozen scorer or sampler (the reference, the bf16 sampling copy), in place; with
+    bf16_matmuls, its matrix multiplications hold bf16 weights and everything else stays fp32.
 
-    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
-    scored from column n_prompt + i - 1. DDP wraps this module and FSDP2 shards it (its own parameters, the
-    embedding, final norm and lm_head, form the root unit), so their hooks see the streamed lm_head. With grad
-    enabled it returns log-probs (B, C); without, a dict that adds SC and entropy."""
-
-    def __init__(self, lm, temperature, chunk_size, vocab_chunk, sharded=False):
-        super().__init__()
-        self.lm, self.tiles, self.sharded = lm, (temperature, chunk_size, vocab_chunk), sharded
-
-    def forward(self, ids, attention_mask, n_prompt, completion_mask):
-        pos = positions(attention_mask)
-        out = self.lm.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
-        h = out.last_hidden_state[:, n_prompt - 1 : -1][completion_mask]
-        targets = ids[:, n_prompt:][completion_mask]
-        weight = self.lm.get_output_embeddings().weight
-
-        def scatter(values):  # (tokens,) -> (B, C), zeros on padding
-            zeros = torch.zeros(completion_mask.shape, device=values.device)
-            return zeros.masked_scatter(completion_mask, values.float())
-
-        if torch.is_grad_enabled():
-            return scatter(StreamedLogProbs.apply(h, weight, targets, *self.tiles, not self.sharded))
-        return {key: scatter(v) for key, v in streamed_token_stats(h, weight, targets, *self.tiles).items()}
+    - Under bf16 autocast that computes exactly what the fp32 policy computes: autocast rounds the policy's
+      nn.Linear weights (and biases) to the same bf16 numbers, and the embedding, the norms and the RoPE
+      frequencies are fp32 in both. So at step 0 the KL to the reference is 0, and rollouts sampled from the
+      copy carry the self-certainty of the policy being trained.
+    - A blanket .to(bf16) would round RoPE's inv_freq (phase errors of radians at position 3000) and run the
+      norms and the residual stream in bf16: a different model.
+    - An lm_head tied to the input embedding stays fp32 with it."""
+    model.requires_grad_(False).eval()
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules() if bf16_matmuls else []:
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
+            module.to(torch.bfloat16)
+    return model
 
 
-# ----------------------------------------------------------------------------- appendix: a sampler for GPUs
+@torch.no_grad()
+def copy_weights(source, target):
+    """Copy every parameter of `source` into `target` (same architecture), casting to target's dtype: the bf16
+    sampling copy after each update. A sharded (FSDP2) parameter is gathered one at a time: every rank calls
+    this, and never holds more than one in full."""
+    for dst, src in zip(target.parameters(), source.parameters(), strict=True):
+        dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)
+
+
+# A sampler for GPUs.
 # On a GPU sample() is launch-bound: every decode step issues hundreds of small kernels from Python. Here the KV
 # cache is preallocated and no tensor changes shape (finished sequences go on decoding, masked out), so on CUDA
 # the decode step runs as a CUDA graph (torch.compile "reduce-overhead"). The cache lives on the model and is
@@ -1030,7 +1236,7 @@ def static_cache(policy, batch_size, max_cache_len):
 def sample_static(policy, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0,
                   top_p=1.0):  # fmt: skip
     """sample() with a static KV cache and a fixed-shape decode step (--sampler static)."""
-    device, kv = next(policy.parameters()).device, cache_argument(policy)
+    device, kv = next(policy.parameters()).device, process.cache_argument(policy)
     rows = [p for p in prompts for _ in range(num_generations)]  # a prompt's G samples adjacent
     n, width = len(rows), -(-max(map(len, prompts)) // 64) * 64  # padded to a multiple of 64: few shapes to compile
     # one mask over the whole cache: the prompt's tokens now, each new token as it is written
@@ -1045,10 +1251,10 @@ def sample_static(policy, prompts, num_generations, max_new_tokens, temperature,
         policy.compiled_forward = torch.compile(policy.forward, mode="reduce-overhead")
     forward = policy.compiled_forward if device.type == "cuda" else policy
     stop, alive = torch.tensor(stop_ids, device=device), torch.ones(n, dtype=torch.bool, device=device)
-    stats, tokens = RunningStats(n, device), torch.full((n, max_new_tokens), pad_id, device=device)
+    stats, tokens = RunningStats(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
-        stats.add(logits, slice(None), alive)
         next_token = torch.where(alive, choose_tokens(logits, temperature, top_k, top_p), pad_id)
+        stats.add(t, logits, next_token, slice(None), alive)
         tokens[:, t] = next_token
         alive &= ~torch.isin(next_token, stop)
         if t == max_new_tokens - 1 or (t % 16 == 15 and not alive.any()):  # the host waits every 16 steps only
@@ -1059,7 +1265,7 @@ def sample_static(policy, prompts, num_generations, max_new_tokens, temperature,
         step = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, kv: cache, **extra}
         # .clone(): a graph replay's output lives in the graph's memory, overwritten by the next replay
         logits = forward(**step).logits[:, -1].float().clone()
-    return stats.rollouts(prompts, num_generations, tokens, alive)
+    return stats.rollouts(prompts, num_generations, tokens, truncated=alive)  # still alive after the last step
 
 
 def parse_args(argv=None):

@@ -92,9 +92,6 @@ def check_train_args(args, rt):
             die(message)
     if (a.resume or a.resume_from_checkpoint) and a.overwrite_output_dir:
         die("--resume and --overwrite_output_dir contradict each other; pass one")
-    if a.loss_type in ("bnpo", "dr_grpo"):
-        die(f"--loss_type {a.loss_type} (a TRL aggregation) is not offered here; use token (TRL: dapo) or grpo")
-    a.loss_type = "token" if a.loss_type == "dapo" else a.loss_type  # TRL's name for the same aggregation
     check_device(a.device)
 
 
@@ -238,6 +235,15 @@ def load_model(name, device):
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
         die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
     return lm.to(device), tokenizer
+
+
+def cache_argument(policy):
+    """The name under which the installed transformers takes the KV cache: `cache` from 5.24 on,
+    `past_key_values` before (5.24 warns that the old name goes in 5.40). Passed under a name the model does not
+    know, the cache would be dropped and every decode step would see one token alone."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"
 
 
 @cache

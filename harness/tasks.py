@@ -72,8 +72,9 @@ def load_questions(path, split, prompt_column, answer_column="", need_gold=False
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+def last_boxed_span(text):
+    """[start, end) character offsets of the content of the last \\boxed{...} (or \\fbox{...}), nested braces
+    included, surrounding spaces excluded; None if there is none (or it is never closed)."""
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
@@ -82,8 +83,26 @@ def last_boxed(text):
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1 : j].strip()
+            content = text[i + 1 : j]
+            left = len(content) - len(content.lstrip())
+            return i + 1 + left, i + 1 + left + len(content.strip())
     return None
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
+    span = last_boxed_span(text)
+    return None if span is None else text[span[0] : span[1]]
+
+
+def answer_span(completion, answer_format):
+    """[start, end) character offsets of the final answer that extract_answer reads: the last \\boxed{}
+    content; with answer_format "number", failing a box, the last number. None when there is no answer."""
+    span = last_boxed_span(completion)
+    if span is not None or answer_format != "number":
+        return span
+    numbers = list(NUMBER.finditer(completion))
+    return numbers[-1].span() if numbers else None
 
 
 def extract_answer(completion, answer_format):

@@ -12,7 +12,8 @@ from harness.process import all_reduce, die, gather
 from harness.runs import read_metrics, strict_json
 
 TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
-LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/update_s"]
+LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/reward_s",
+                                                     "perf/update_s"]  # fmt: skip
 
 
 def mann_whitney(x, y):
@@ -45,11 +46,13 @@ def repeated_ngram_frac(tokens, n=4):
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update_s, num_generations):
+def step_metrics(step, rollouts, rewards, update, lr, has_gold, timings, num_generations):
     """The step's record for metrics.jsonl: means over all ranks' sequences. monitor/* watch for reward hacking
     and collapse: token entropy, repeated 4-grams, groups whose rewards are all equal (no learning signal)
     and, with gold answers, whether self-certainty still tells right from wrong (AUROC over the step's
-    completions) and picks winners (accuracy of each group's most self-certain completion vs the mean)."""
+    completions) and picks winners (accuracy of each group's most self-certain completion vs the mean).
+    `rewards`: one value per rollout each; `timings`: seconds of the step's phases (sample_s, reward_s: grading
+    and the reference pass, update_s)."""
     n = all_reduce(len(rollouts)).item()
 
     def mean(values):
@@ -78,9 +81,12 @@ def step_metrics(step, rollouts, rewards, update, lr, has_gold, sample_s, update
         pairs = gather((r.self_certainty, r.correct) for r in rollouts)
         split = mann_whitney([sc for sc, ok in pairs if ok], [sc for sc, ok in pairs if not ok])
         record["monitor/certainty_auroc"] = split["auroc"] if split else float("nan")
-    tokens_per_s = mean(lengths) * n / sample_s
-    return record | {"train/lr": lr, "perf/sample_tokens_per_s": tokens_per_s, "perf/sample_s": sample_s,
-                     "perf/update_s": update_s}  # fmt: skip
+    tokens_per_s = mean(lengths) * n / timings["sample_s"]
+    return (
+        record
+        | {"train/lr": lr, "perf/sample_tokens_per_s": tokens_per_s}
+        | {f"perf/{key}": seconds for key, seconds in timings.items()}
+    )
 
 
 class HackingAlarm:
@@ -147,10 +153,9 @@ class Watcher:
         self.alarm = HackingAlarm()
         self.tracker = make_logger(report_to, output_dir, config, run_name) if rank == 0 else None
 
-    def record(self, step, rollouts, rewards, update, lr, sample_s, update_s):
+    def record(self, step, rollouts, rewards, update, lr, timings):
         """Called by every rank (the metrics are means over all ranks); rank 0 writes and prints."""
-        record = step_metrics(step, rollouts, rewards, update, lr, self.has_gold, sample_s, update_s,
-                              self.num_generations)  # fmt: skip
+        record = step_metrics(step, rollouts, rewards, update, lr, self.has_gold, timings, self.num_generations)
         record["monitor/alarm"], warning = self.alarm.check(record)
         if self.rank != 0:
             return

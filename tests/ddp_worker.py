@@ -81,7 +81,7 @@ def largest_tensor_under_fsdp(model_dir, out, world, rank):
             return result
 
     with Largest():
-        scorer(*batch).sum().backward()
+        scorer(*batch)["logp"].sum().backward()
     if rank == 0:
         torch.save({"largest": Largest.numel, "logits": tokens * V, "weight": V * lm.config.hidden_size}, out)
 

@@ -145,7 +145,7 @@ def correctness(shape, device, rows):
     small = build("tiny", device, seed=1)  # a tied head: streamed gradient vs full logits, in fp32
     twin = copy.deepcopy(small)
     batch = I.collate([I.Rollout(p[:20], p[20:40], 0.0, 0.0, False) for p in random_prompts(3, 48, 512)], 0, device)
-    (I.CompletionLogProbs(small, 0.9, 16, 128)(*batch) * batch.completion_mask).sum().backward()
+    (I.CompletionLogProbs(small, 0.9, 16, 128)(*batch)["logp"] * batch.completion_mask).sum().backward()
     ids, mask, n_prompt, cmask = batch
     logits = twin(input_ids=ids, attention_mask=mask, position_ids=I.positions(mask)).logits[:, n_prompt - 1 : -1]
     logp = torch.log_softmax(logits / 0.9, -1).gather(2, ids[:, n_prompt:, None]).squeeze(2)
@@ -227,13 +227,13 @@ def update(shape, device, sequences, length, rows, out):
         batch = I.collate(rollouts, 0, device)
         reset_peak(device)
         with autocast(device):
-            scorer(*batch).sum().backward()  # warm-up
+            scorer(*batch)["logp"].sum().backward()  # warm-up
         lm.zero_grad(set_to_none=True)
         reset_peak(device)
 
         def step(scorer=scorer, batch=batch):
             with autocast(device):
-                scorer(*batch).sum().backward()
+                scorer(*batch)["logp"].sum().backward()
 
         _, seconds = timed(step, device)
         tokens = batch.ids.numel()

@@ -82,7 +82,9 @@ def test_offline_self_certainty_and_entropy_match_full_forward(tokenizer):
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4. Then x^2 is")]
     torch.manual_seed(1)
     rollouts = I.sample(policy, prompts, 2, 10, 1.0, list(range(40, 60)), tokenizer.pad_token_id)
-    I.reference_pass(I.CompletionLogProbs(reference, 1.0, 3, 50), rollouts, 3, tokenizer.pad_token_id)
+    I.reference_pass(
+        I.CompletionLogProbs(reference, 1.0, 3, 50), rollouts, 3, tokenizer.pad_token_id, with_certainty=True
+    )
     with torch.no_grad():
         for r in rollouts:
             ids = torch.tensor([r.prompt + r.completion])

@@ -40,10 +40,10 @@ def test_trl_loss_names(tiny_dir, tmp_path):
     small_run(tiny_dir, tmp_path / "dapo", "--max_steps", "1", "--loss_type", "dapo")
     state = torch.load(tmp_path / "dapo" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
     assert state["args"]["loss_type"] == "token"  # TRL's dapo is this project's token
-    for other in ("bnpo", "dr_grpo"):
-        p = small_run(tiny_dir, tmp_path / other, "--loss_type", other, check=False)
-        assert_one_error_line(p, "use token (TRL: dapo) or grpo")
-        assert not (tmp_path / other).exists()
+    for flag, unknown in (("--loss_type", "bnpo"), ("--kl_estimator", "k4")):  # refused before anything loads
+        p = small_run(tiny_dir, tmp_path / unknown, flag, unknown, check=False)
+        assert_one_error_line(p, f"{flag}: unknown name '{unknown}'; choose from")
+        assert not (tmp_path / unknown).exists()
 
 
 def test_num_train_epochs_and_run_name(tiny_dir, tmp_path):

@@ -33,6 +33,10 @@ def test_static_sampler_matches_eager(tokenizer, max_new_tokens, temperature, to
         assert (a.prompt, a.completion, a.truncated) == (b.prompt, b.completion, b.truncated)
         assert b.self_certainty == pytest.approx(a.self_certainty, abs=1e-5)
         assert b.entropy == pytest.approx(a.entropy, abs=1e-5)
+        for key in ("token_certainty", "token_entropy", "token_logp"):  # token for token
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.shape == y.shape == (len(a.completion),)
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
 
 
 def test_copy_weights_casts_into_the_sampling_copy(tokenizer):
@@ -186,7 +190,7 @@ def test_every_decode_step_reads_the_cache_under_the_installed_name(tokenizer, s
     from transformers import Cache
 
     lm = make_model(tokenizer, seed=3, head_scale=4.0)
-    name, calls, forward = I.cache_argument(lm), [], lm.forward
+    name, calls, forward = process.cache_argument(lm), [], lm.forward
 
     def spy(*args, **kwargs):
         calls.append((kwargs["input_ids"].shape[1], isinstance(kwargs.get(name), Cache)))

@@ -121,7 +121,7 @@ def test_tied_head_model_gradients_through_the_streamed_head_match_full_logits(t
     scorer = I.CompletionLogProbs(lm, 0.7, chunk_size=3, vocab_chunk=50)
     for part in (rollouts[:2], rollouts[2:]):
         batch = I.collate(part, tokenizer.pad_token_id, "cpu")
-        (scorer(*batch) * batch.completion_mask).sum().backward()
+        (scorer(*batch)["logp"] * batch.completion_mask).sum().backward()
         ids, mask, n_prompt, cmask = batch
         logits = twin(input_ids=ids, attention_mask=mask, position_ids=I.positions(mask)).logits[:, n_prompt - 1 : -1]
         logp = torch.log_softmax(logits / 0.7, -1).gather(2, ids[:, n_prompt:, None]).squeeze(2)
@@ -147,12 +147,22 @@ def test_sampled_self_certainty_and_logprobs_match_unpadded_full_forward(tokeniz
     # independent reference: each sequence alone, no padding, no cache, full logits in float64
     scorer = I.CompletionLogProbs(lm, 0.8, chunk_size=5, vocab_chunk=64)
     with torch.no_grad():
-        batched = scorer(*I.collate(rollouts, tokenizer.pad_token_id, "cpu"))
+        batched = scorer(*I.collate(rollouts, tokenizer.pad_token_id, "cpu"), with_certainty=True)
         for k, r in enumerate(rollouts):
             ids = torch.tensor([r.prompt + r.completion])
             logits = lm(input_ids=ids).logits[0, len(r.prompt) - 1 : -1].double()  # position i-1 predicts i
             assert r.self_certainty == pytest.approx(naive_self_certainty(logits).mean().item(), abs=1e-4)
             n = len(r.completion)
+            # the sampler's per-token statistics (temperature 1) and their means
+            p = torch.softmax(logits, -1)
+            chosen = torch.log(p).gather(1, torch.tensor(r.completion)[:, None]).squeeze(1)
+            naive_entropy = -(p * torch.log(p)).sum(-1)
+            for kept, naive in ((r.token_certainty, naive_self_certainty(logits)), (r.token_entropy, naive_entropy),
+                                (r.token_logp, chosen)):  # fmt: skip
+                assert kept.dtype == torch.float32 and kept.device.type == "cpu" and kept.shape == (n,)
+                torch.testing.assert_close(kept.double(), naive, atol=1e-4, rtol=1e-4)
+            assert r.self_certainty == pytest.approx(r.token_certainty.sum().item() / n, rel=1e-6)
+            assert r.entropy == pytest.approx(r.token_entropy.mean().item(), rel=1e-5, abs=1e-6)
             torch.testing.assert_close(
                 batched["self_certainty"][k, :n].double(), naive_self_certainty(logits), atol=1e-4, rtol=1e-4
             )

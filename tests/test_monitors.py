@@ -69,7 +69,8 @@ def test_step_monitors_by_hand():
                 rollout(1.5, False, [5] * 6), rollout(1.5, False, [5] * 6)]  # fmt: skip
     rewards = {"self_certainty": torch.tensor([3.0, 1.0, 0.5, 2.0, 1.5, 1.5])}
     update = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=1.0, skipped_updates=0)
-    record = watch.step_metrics(1, rollouts, rewards, update, 1e-3, True, 1.0, 1.0, num_generations=2)
+    timings = {"sample_s": 1.0, "reward_s": 0.0, "update_s": 1.0}
+    record = watch.step_metrics(1, rollouts, rewards, update, 1e-3, True, timings, num_generations=2)
     assert record["monitor/most_certain_accuracy"] == pytest.approx(1 / 3)  # right, wrong, wrong
     assert record["monitor/equal_reward_groups"] == pytest.approx(1 / 3)
     # correct SC {3.0, 0.5} vs wrong {1.0, 2.0, 1.5, 1.5}: pairs won 4 of 8 -> AUROC 0.5
