@@ -39,6 +39,9 @@ ORDER = [
     "offline",
     "intuitor_lr1e-5",
     "intuitor_beta0.1",
+    "token_sc",
+    "mean_logprob",
+    "answer_sc",
 ]
 
 
@@ -111,7 +114,7 @@ TRAINING = [
     ("entropy", "monitor/entropy", 2),
     ("KL", "train/kl", 3),
     ("own SC", "train/self_certainty", 2),
-    ("reward SC", "train/reward/self_certainty", 2),
+    ("reward", "train/reward/", 2),  # the run's own reward, whichever it is
 ]
 
 
@@ -127,6 +130,8 @@ def training_table(runs, names):
                 continue
             cells = []
             for _, key, digits in TRAINING:
+                if key.endswith("/"):
+                    key = next(k for k in window[0] if k.startswith(key))
                 values = [r[key] for r in window if not math.isnan(r.get(key, math.nan))]  # null reads as NaN
                 cells.append(f"{statistics.mean(values):.{digits}f}" if values else "")
             print(f"| {name} | {lo}-{hi} | " + " | ".join(cells) + " |")
@@ -158,6 +163,9 @@ def plot(runs, out):
         "offline": ("tab:purple", "--"),
         "intuitor_lr1e-5": ("tab:orange", "-."),
         "intuitor_beta0.1": ("tab:green", ":"),
+        "token_sc": ("tab:brown", "--"),
+        "mean_logprob": ("tab:olive", "-."),
+        "answer_sc": ("tab:cyan", ":"),
     }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, run in runs.items():
@@ -208,7 +216,8 @@ def main(argv):
     accuracy_table(runs)
     print("\n### Seeds\n")
     seeds_table(runs)
-    single = [n for n in ["grpo", "intuitor", "offline", "intuitor_lr1e-5", "intuitor_beta0.1"] if n in runs]
+    seed42 = ["grpo", "intuitor", "offline", "intuitor_lr1e-5", "intuitor_beta0.1", "token_sc", "mean_logprob"]
+    single = [n for n in seed42 + ["answer_sc"] if n in runs]
     print("\n### Every evaluated checkpoint (seed 42 runs)\n")
     detail_table(runs, single)
     print("\n### Training metrics, mean over 10 steps\n")

@@ -3,7 +3,9 @@
 # 10 steps; the checkpoints at EVAL_STEPS are evaluated greedily on the 300 held-out arithmetic problems.
 # Usage: [EVAL_STEPS="20 40"] bash docs/over_training.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [runs...]
 # Runs: grpo, intuitor (seed 42), grpo_seed43/44, intuitor_seed43/44, offline (frozen scorer, paper Fig. 7),
-# intuitor_lr1e-5, intuitor_beta0.1. About 14-20 min of training a run on 2 cores and 70-145 s an evaluation.
+# intuitor_lr1e-5, intuitor_beta0.1, and three rewards from the literature (docs/ablations.md): token_sc (token-level
+# self-certainty advantages), mean_logprob (RLSC-style), answer_sc (self-certainty over the answer's tokens).
+# About 14-20 min of training a run on 2 cores and 70-145 s an evaluation.
 set -euo pipefail
 M=$1; shift
 RUNS=${*:-"grpo intuitor"}
@@ -21,6 +23,8 @@ declare -A FLAGS=(
   [offline]="--reward self_certainty --certainty_model reference"
   [intuitor_lr1e-5]="--reward self_certainty --learning_rate 1e-5"
   [intuitor_beta0.1]="--reward self_certainty --beta 0.1"
+  [token_sc]="--reward token_self_certainty" [mean_logprob]="--reward mean_logprob"
+  [answer_sc]="--reward answer_self_certainty"
 )
 for r in $RUNS; do
   [[ -v FLAGS[$r] ]] || { echo "error: unknown run '$r'; choose from: ${!FLAGS[*]}" >&2; exit 2; }

@@ -1,8 +1,10 @@
-"""The README's over-training tables are what docs/over_training.py prints from the records kept in
-docs/over_training/: a number edited by hand, or a record replaced without the README, fails here."""
+"""The pages that show records and code say what the records and the code hold: docs/over_training.md's tables
+are what docs/over_training.py prints from docs/over_training/ (a number edited by hand, or a record replaced
+without the page, fails here), and README's Paper -> code links point at the definitions they name."""
 
 import importlib.util
 import os
+import re
 
 from conftest import ROOT
 
@@ -15,13 +17,13 @@ def over_training_report():
     return module
 
 
-def test_readme_over_training_tables_are_the_records(capsys):
+def test_over_training_page_tables_are_the_records(capsys):
     over_training_report().main([])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    page = open(os.path.join(ROOT, "docs", "over_training.md"), encoding="utf-8").read().splitlines()
     assert len(rows) > 30  # every table printed: accuracy, seeds, checkpoints, training metrics, wall times
-    missing = [row for row in rows if row not in readme]
-    assert not missing, f"README rows that differ from docs/over_training.py's output: {missing}"
+    missing = [row for row in rows if row not in page]
+    assert not missing, f"docs/over_training.md rows that differ from docs/over_training.py's output: {missing}"
 
 
 def test_seed_spread_is_mean_and_sample_sd(capsys):
@@ -33,3 +35,17 @@ def test_seed_spread_is_mean_and_sample_sd(capsys):
     mean = sum(values) / len(values)
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     assert row.endswith(f"| {mean:.3f} ± {sd:.3f} |")
+
+
+def test_readme_links_point_at_the_definitions():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    source = open(os.path.join(ROOT, "intuitor.py"), encoding="utf-8").read().splitlines()
+    links = re.findall(r"\[`(\w+)`\]\(intuitor\.py#L(\d+)\)", readme)
+    assert len(links) >= 20
+
+    def defined_at(name):
+        starts = (f"def {name}(", f"class {name}(", f"class {name}:", f"{name} = ")
+        return next(i + 1 for i, line in enumerate(source) if line.startswith(starts))
+
+    wrong = {name: (int(line), defined_at(name)) for name, line in links if defined_at(name) != int(line)}
+    assert not wrong, f"README link line -> where intuitor.py defines it now: {wrong}"
