@@ -15,6 +15,7 @@ exact quantity the policy was trained on; math answers are graded by harness/tas
 are; programs run in harness/sandbox.py. Greedy by default, as in the paper.
 """
 
+import fcntl
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import intuitor
-from harness import process
+from harness import process, sandbox
 from harness.benchmarks import BENCHMARKS, FAILURES, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
 from harness.process import die
 from harness.tasks import answer_clusters, last_boxed, plurality_winner
@@ -111,27 +112,54 @@ def output_path(args):
     folder = os.path.dirname(os.path.abspath(output))
     try:
         os.makedirs(folder, exist_ok=True)
-        open(output, "a").close()  # claimed: writable, and a later --output here needs --overwrite
+        claim = open(output, "a")  # claimed: writable, and a later --output here needs --overwrite
     except OSError as e:
         die(f"--output {output!r} cannot be written ({e.strerror}); pass another path")
+    try:  # held until this process ends: a second evaluation on the same path is refused, not mixed in
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f"--output {output!r} is being written by another evaluation; wait for it to end or pass another --output")
+    CLAIMS.append(claim)
     return output
+
+
+CLAIMS = []  # the open, locked --output files of this process
+
+
+def read_summary(path):
+    """The summary eval.py wrote beside a records file; one error line when it is missing or unreadable."""
+    summary = os.path.splitext(path)[0] + ".summary.json"
+    try:
+        with open(summary, encoding="utf-8") as f:
+            s = json.load(f)
+        if not isinstance(s, dict) or "benchmark" not in s:
+            raise ValueError("no benchmark named")
+        return s
+    except FileNotFoundError:
+        die(f"{summary} is missing: compare reads the summary eval.py writes beside {path}; rerun that evaluation")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        die(f"{summary}: not a summary written by eval.py ({type(e).__name__}); rerun that evaluation")
 
 
 def compare(paths):
     """python eval.py compare BASE.jsonl RUN.jsonl ...: one markdown row per evaluation (eval.py's per-problem
-    records and their summaries), each paired against the first on the same problems."""
+    records and their summaries), each paired against the first on the same problems: the same benchmark,
+    the same problem count and the same problems (index and text), else one error line."""
     if len(paths) < 1 or not all(os.path.isfile(p) for p in paths):
         die("usage: python eval.py compare BASE.jsonl [RUN.jsonl ...] (per-problem records written by eval.py)")
-    base = read_records(paths[0])
+    base, base_summary = read_records(paths[0]), read_summary(paths[0])
     print(
         "| model | accuracy [95% CI] | mean length | truncated | mean SC | SC-correct AUROC (p) | vs base: b / c, p |"
     )
     print("|---|---|---|---|---|---|---|")
     for i, path in enumerate(paths):
-        records = read_records(path)
-        if [r["index"] for r in records] != [r["index"] for r in base]:
+        records, s = read_records(path), read_summary(path)
+        if s["benchmark"] != base_summary["benchmark"]:
+            die(f"{path} is {s['benchmark']}, {paths[0]} is {base_summary['benchmark']}; compare one benchmark")
+        if len(records) != len(base):
+            die(f"{path} holds {len(records)} problems, {paths[0]} {len(base)}; compare evaluations of the same ones")
+        if [(r["index"], r.get("problem")) for r in records] != [(r["index"], r.get("problem")) for r in base]:
             die(f"{path} and {paths[0]} hold different problems; compare evaluations of the same problems")
-        s = json.load(open(os.path.splitext(path)[0] + ".summary.json"))
         sc = s["self_certainty_vs_correctness"]
         test = mcnemar_exact([r["correct"] for r in base], [r["correct"] for r in records])
         lo, hi = s["accuracy_ci95"]
@@ -241,6 +269,7 @@ def summarize(records, args, system_prompt):
         out["boxed_frac"] = mean([last_boxed(s["completion"]) is not None for s in samples])
     if grade in ("code", "output"):
         out["failures"] = {why: sum(s["failure"] == why for s in samples) for why in FAILURES}
+        out["isolation"] = sandbox.isolation()  # bubblewrap, or plain processes (the fallback)
     right = [s["self_certainty"] for s in samples if s["correct"]]
     wrong = [s["self_certainty"] for s in samples if not s["correct"]]
     out["self_certainty_vs_correctness"] = {
@@ -283,6 +312,8 @@ def main(argv=None):
     process.init_distributed(rt)
     problems = load_problems(args.benchmark, args.data, args.limit)
     output = process.on_first_rank(lambda: output_path(args))  # before the model loads and anything is sampled
+    if BENCHMARKS[args.benchmark].grade in ("code", "output"):
+        sandbox.self_test(args.timeout)  # a grader that cannot run programs ends here, not as accuracy 0
     policy, tokenizer = process.load_model(args.model, rt.device)
     policy.eval()
     stop_ids, pad_id = intuitor.stop_token_ids(tokenizer, policy), tokenizer.pad_token_id

@@ -132,7 +132,40 @@ def load_problems(name, data="", limit=0):
     elif spec.grade in ("choice", "output"):
         golds = rows["answer" if spec.grade == "choice" else "output"]
     problems = [dict(row, question=spec.ask(row), gold=gold) for row, gold in zip(rows, golds)]
-    return problems[:limit] if limit else problems
+    problems = problems[:limit] if limit else problems
+    if spec.grade == "code":
+        for k, problem in enumerate(problems):
+            problem["tests"] = checked_tests(name, problem, k, source)
+    return problems
+
+
+def checked_tests(name, problem, k, source):
+    """A code problem's tests, read and checked at load, before anything is sampled: a problem without tests
+    would pass any program, and malformed tests would fail only after all the sampling. Either ends the run
+    with one line naming the problem (the choice here: refuse the file rather than drop problems silently)."""
+    which = problem.get("question_id") or problem.get("task_id") or f"row {k + 1}"
+    try:
+        if name == "humaneval":
+            tests = [problem["test"]] if problem["test"].strip() else []
+        elif name == "mbpp":
+            tests = list(problem["test_list"])
+        else:
+            tests = livecodebench_tests(problem)
+            for test in tests:
+                if not (isinstance(test["input"], str) and isinstance(test["output"], str)):
+                    raise TypeError("a test needs text input and output")
+                if test["testtype"] == "functional":  # arguments one JSON value a line, the result JSON
+                    if not json.loads(problem["metadata"]).get("func_name"):
+                        raise KeyError("metadata names no func_name")
+                    for text in [*test["input"].split("\n"), test["output"]]:
+                        json.loads(text)
+    except Exception as e:  # noqa: BLE001 - JSON, base64, zlib, pickle, a missing key: one line, whatever it is
+        reason = (str(e).splitlines() or [""])[0][:200]
+        die(f"{source}: problem {which}: its tests cannot be read ({type(e).__name__}: {reason}); "
+            "fix or remove that row")  # fmt: skip
+    if not tests:
+        die(f"{source}: problem {which} has no tests, so any program would pass it; add its tests or remove the row")
+    return tests
 
 
 # ----------------------------------------------------------------------------- answers: code, a letter, a value
@@ -231,7 +264,7 @@ def programs(benchmark, problem, code):
         return [(sandbox.Job(code, tests=problem["test_setup_code"] + "\n" + "\n".join(problem["test_list"])), None)]
     if benchmark == "cruxeval":
         return [(sandbox.Job(problem["code"], tests=f"print(repr(f({problem['input']})))"), Prediction(code))]
-    tests, code = livecodebench_tests(problem), LIVECODEBENCH_IMPORTS + code
+    tests, code = problem.get("tests") or livecodebench_tests(problem), LIVECODEBENCH_IMPORTS + code
     if tests and tests[0]["testtype"] == "functional":
         method = json.loads(problem["metadata"]).get("func_name")
         cases = [([json.loads(line) for line in t["input"].split("\n")], json.loads(t["output"])) for t in tests]
@@ -331,6 +364,7 @@ def grade_batch(benchmark, problems, texts, timeout=10.0, workers=0):
         return graded
     if spec.grade == "choice":
         return [[Graded(c, c == p["gold"]) for c in map(extract_choice, t)] for p, t in zip(problems, texts)]
+    sandbox.self_test(timeout)  # once per process: never a silent zero from a sandbox that cannot run Python
     extract = extract_output if spec.grade == "output" else last_code_block
     answers = [[extract(text) for text in completions] for completions in texts]
     jobs = [

@@ -170,12 +170,31 @@ def isolation():
     return "process"
 
 
+HIDDEN = ("/tmp", "/proc", "/dev")  # what the sandbox mounts afresh over the read-only view of the system
+
+
+@functools.cache
+def interpreter_paths():
+    """The interpreter's own paths that the sandbox's fresh mounts would hide (a venv made under /tmp, a Python
+    unpacked on scratch space): its prefixes (the venv's and the base installation's), the folder of its real
+    executable and its standard library, as written and resolved, outermost only. Bound read-only back in
+    their place; nothing else of /tmp is visible."""
+    stdlib = os.path.dirname(os.__file__)
+    candidates = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, stdlib,
+                  os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}  # fmt: skip
+    paths = {os.path.abspath(p) for c in candidates if c for p in (c, os.path.realpath(c))}
+    hidden = {p for p in paths if any(p == h or p.startswith(h + os.sep) for h in HIDDEN) and os.path.exists(p)}
+    return sorted(p for p in hidden if not any(p.startswith(q + os.sep) for q in hidden))
+
+
 def sandboxed(command, sources, env, disk_bytes):
     """`command` inside a bubblewrap sandbox: `sources` read-only at /tmp/src, and a private tmpfs of
-    `disk_bytes` at /tmp/work, its working directory and the only place it can write."""
+    `disk_bytes` at /tmp/work, its working directory and the only place it can write; the interpreter's own
+    paths under /tmp (interpreter_paths) stay visible, read-only."""
     inside = env | {"HOME": "/tmp/work", "TMPDIR": "/tmp/work"}
+    interpreter = [x for path in interpreter_paths() for x in ("--ro-bind", path, path)]
     return [bubblewrap(), "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--ro-bind", sources, "/tmp/src",
+            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", *interpreter, "--ro-bind", sources, "/tmp/src",
             "--size", str(disk_bytes), "--tmpfs", "/tmp/work", "--chdir", "/tmp/work",
             "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
             *[x for key, value in inside.items() for x in ("--setenv", key, value)], "--", *command]  # fmt: skip
@@ -271,6 +290,37 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         for fd in list(open_fds):
             close(fd)
         shutil.rmtree(home, ignore_errors=True)
+
+
+# Known answers for self_test: (what, job, the stdout it must print or None, whether it must pass)
+GOOD_FUNCTION, BAD_FUNCTION = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n"
+PROBES = (
+    ("a function and its tests", Job(GOOD_FUNCTION, tests="assert add(2, 3) == 5\n"), None, True),
+    ("a function failing its tests", Job(BAD_FUNCTION, tests="assert add(2, 3) == 5\n"), None, False),
+    ("a program reading stdin", Job("print(sum(map(int, input().split())))\n", stdin="2 3\n"), "5", True),
+    ("a program raising", Job("raise ValueError('wrong')\n", stdin="2 3\n"), "5", False),
+)
+
+
+@functools.cache
+def self_test(timeout=10.0):
+    """Before the first grading in a process: under the isolation in use, a known-good program (a function with
+    its tests; a stdin/stdout program) must pass and a known-bad one must fail. Otherwise every sample would be
+    graded wrong without a word, so the process ends with one `error:` line naming what failed, the probe's
+    stderr and the fix. Returns the isolation used ('bubblewrap' or 'process')."""
+    used = isolation()
+    results = run_many([job for _, job, _, _ in PROBES], timeout=timeout)
+    for (what, _, want_stdout, should_pass), result in zip(PROBES, results):
+        passed = result.passed and (want_stdout is None or result.stdout.strip() == want_stdout)
+        if passed != should_pass:
+            said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}, no stderr"])[-1]
+            verdict = "failed" if should_pass else "passed"
+            raise SystemExit(
+                f"error: the code grader failed its self-test ({used} isolation): {what} {verdict} ({said}); "
+                f"every sample would be graded wrong. Check that `{sys.executable} -c 'print(1)'` runs, that its "
+                "files are readable by all users (programs run as nobody) and that `bwrap --ro-bind / / true` works"
+            )
+    return used
 
 
 def run_many(jobs, workers=None, **limits):

@@ -144,6 +144,10 @@ def infer_answer_format(rows, column="", answer_format="auto"):
 
 
 def in_math_mode(latex):
+    """An answer as math-verify reads it: an escaped dollar (\\$, a currency sign, as in MATH's \\$18.90) and
+    \\! (a negative thin space, as in 32,\\!348) are dropped, so the bare value is compared; text that is not
+    already between $ delimiters is put between them."""
+    latex = latex.replace("\\$", "").replace("\\!", "")
     return latex if "$" in latex else f"${latex}$"
 
 

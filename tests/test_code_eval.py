@@ -223,6 +223,7 @@ def test_eval_script_runs_each_benchmark(tiny_dir, tmp_path, name):
     if name in ("humaneval", "mbpp", "livecodebench", "cruxeval"):  # programs: why each failed, and the counts
         assert all(("failure" in r) and (r["failure"] is None) == r["correct"] for r in records)
         assert sum(summary["failures"].values()) == sum(not r["correct"] for r in records)
+        assert summary["isolation"] == sandbox.isolation()  # how the programs were isolated, recorded
 
 
 def test_failure_reasons_of_programs():

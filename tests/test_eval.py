@@ -245,8 +245,9 @@ def test_compare_prints_one_paired_row_per_run(tmp_path):
     def write(name, correct):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"index": i, "correct": c}) + "\n" for i, c in enumerate(correct)))
-        summary = {"accuracy": sum(correct) / len(correct), "accuracy_ci95": [0.0, 1.0], "mean_length": 5.0,
-                   "truncated_frac": 0.0, "mean_self_certainty": 1.0, "self_certainty_vs_correctness": {}}  # fmt: skip
+        summary = {"benchmark": "gsm8k", "accuracy": sum(correct) / len(correct), "accuracy_ci95": [0.0, 1.0],
+                   "mean_length": 5.0, "truncated_frac": 0.0, "mean_self_certainty": 1.0,
+                   "self_certainty_vs_correctness": {}}  # fmt: skip
         (tmp_path / f"{name}.summary.json").write_text(json.dumps(summary))
         return str(path)
 
