@@ -29,11 +29,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import intuitor
-from harness import process, sandbox
+from harness import process, runs, sandbox
 from harness.benchmarks import BENCHMARKS, FAILURES, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
 from harness.process import die
 from harness.tasks import answer_clusters, last_boxed, plurality_winner
-from harness.watch import mann_whitney, progress_bars
+from harness.watch import mann_whitney, progress_bars, quiet_libraries
 
 
 @dataclass
@@ -307,6 +307,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    quiet_libraries()  # a log file holds one line per batch
     args = parse_args(argv)
     rt = process.runtime_from_env(args.device)
     process.init_distributed(rt)
@@ -347,10 +348,11 @@ def main(argv=None):
         return
     records.sort(key=lambda r: r["index"])
     summary = summarize(records, args, system_prompt)
-    with open(output, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.splitext(output)[0] + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    # whole files or none (temporary file, fsync, rename): a full disk leaves the claimed, empty --output
+    runs.atomic_write(output, "".join(json.dumps(r) + "\n" for r in records), "nothing was written; free space and "
+                      "run the same command again")  # fmt: skip
+    runs.atomic_write(os.path.splitext(output)[0] + ".summary.json", json.dumps(summary, indent=2),
+                      f"{output} holds the records; free space and run the same command with --overwrite")  # fmt: skip
     print(json.dumps(summary, indent=2))
     print(f"wrote {output} (one record per problem) and {os.path.splitext(output)[0]}.summary.json")
 
@@ -359,4 +361,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["compare"]:
         compare(sys.argv[2:])
     else:
-        main(sys.argv[1:])
+        try:
+            main(sys.argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C: records are written only once every problem is graded
+            if int(os.environ.get("RANK", 0)) == 0:
+                print("interrupted: no records were written (eval.py writes them when every problem is graded); "
+                      "run the same command again", file=sys.stderr)  # fmt: skip
+            raise SystemExit(130) from None

@@ -157,9 +157,14 @@ def tokenize_prompt(tokenizer, question, system_prompt):
 
 
 def make_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length):
-    """Tokenised prompts with their gold answers; those over max_prompt_length are skipped and counted."""
+    """Tokenised prompts with their gold answers; those over max_prompt_length are skipped and counted (a
+    question longer in characters than max_prompt_length of the longest token cannot fit: skipped untokenised)."""
     prompts, skipped = [], 0
+    longest_token = max(map(len, tokenizer.get_vocab()))
     for question, gold in zip(questions, golds):
+        if len(question) > max_prompt_length * longest_token:
+            skipped += 1
+            continue
         ids = tokenize_prompt(tokenizer, question, system_prompt)
         if len(ids) > max_prompt_length:
             skipped += 1
@@ -887,6 +892,7 @@ class Run:
     max_steps: int
     run_dir: runs.RunDirectory
     watcher: watch.Watcher
+    inputs: dict  # fingerprints of the model and dataset files (runs.input_fingerprints)
     skipped_in_a_row: int = 0  # optimizer steps skipped for a non-finite gradient, in a row
 
 
@@ -945,7 +951,8 @@ def checkpoint_step(run, step):
         return
     weights, optimizer = process.full_state_dicts(run.policy, run.optimizer)  # gathered on rank 0 (FSDP2 shards)
     if run.rt.rank == 0:
-        state = dict(step=step, optimizer=optimizer, scheduler=run.scheduler.state_dict(), args=asdict(a))
+        state = dict(step=step, optimizer=optimizer, scheduler=run.scheduler.state_dict(), args=asdict(a),
+                     inputs=run.inputs)  # fmt: skip
         run.run_dir.save_checkpoint(run.policy, run.tokenizer, state, a.save_total_limit, weights)
     if run.rt.world_size > 1:
         dist.barrier()
@@ -992,6 +999,7 @@ def setup(args):
     """Each room asked once, in the order a run needs it: flags, run directory, data, then (the only slow part)
     the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every check
     that can fail runs before any model loads."""
+    watch.quiet_libraries()  # a log file holds one line per step
     rt = process.runtime_from_env(args.device, args.dtype)
     process.check_train_args(args, rt)
     reward_weights = parse_reward(args.reward)
@@ -1001,6 +1009,8 @@ def setup(args):
     resume = args.resume or bool(args.resume_from_checkpoint)
     run_dir = runs.RunDirectory(args.output_dir, resume, args.overwrite_output_dir, rank=rt.rank)
     checkpoint, state = run_dir.resume_point(asdict(args), args.resume_from_checkpoint)
+    inputs = runs.input_fingerprints(args.model, args.dataset)  # a resumed run must see what it began with
+    runs.check_same_inputs(state, inputs, checkpoint)
     need_gold = "accuracy" in reward_weights
     rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
                                                   args.answer_column, need_gold=need_gold,
@@ -1036,7 +1046,7 @@ def setup(args):
     elif rt.world_size > 1:
         device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
         policy_scorer = torch.nn.parallel.DistributedDataParallel(
-            policy_scorer, device_ids=device_ids, broadcast_buffers=False
+            policy_scorer, device_ids=device_ids, **process.ddp_buffer_arguments()
         )
     optimizer, scheduler = make_optimizer(policy, args, max_steps * args.num_iterations, state)
 
@@ -1078,6 +1088,7 @@ def setup(args):
         max_steps=max_steps,
         run_dir=run_dir,
         watcher=watcher,
+        inputs=inputs,
     )
 
 
@@ -1276,4 +1287,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [OUT.png]
         watch.plot_metrics(*sys.argv[2:])
     else:
-        train(parse_args(sys.argv[1:]))
+        args = parse_args(sys.argv[1:])
+        try:
+            train(args)
+        except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to continue
+            runs.interrupted(args.output_dir)

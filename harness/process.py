@@ -210,9 +210,20 @@ def load_tokenizer(name):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as e:  # noqa: BLE001 - a missing, damaged or foreign file: one line, whatever the reader raised
         cannot_load(name, e)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        die(f"--model {name!r}: its tokenizer has neither an eos nor a pad token, so completions could neither end "
+            "nor be padded; pass a model whose tokenizer defines eos_token")  # fmt: skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocabulary(name, tokenizer, lm):
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    rows = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        die(f"--model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}; "
+            "pass a tokenizer and weights that belong together")  # fmt: skip
 
 
 def load_model(name, device):
@@ -231,10 +242,20 @@ def load_model(name, device):
         plain = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
         plain.load_state_dict(lm.state_dict())
         lm = plain
+    check_vocabulary(name, tokenizer, lm)
     head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(lm.config, "final_logit_softcapping", None):
         die(f"{name}: the streamed lm_head assumes logits = h @ W.T (no bias, no soft-capping)")
     return lm.to(device), tokenizer
+
+
+def ddp_buffer_arguments():
+    """DDP without syncing buffers on every forward (the RoPE frequencies are the same on every rank): newer
+    torch names it forward_sync_buffers and warns about the old broadcast_buffers."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def cache_argument(policy):

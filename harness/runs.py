@@ -1,10 +1,12 @@
 """A run's directory: one run per directory and its lock, trusted checkpoints, resume, metrics.jsonl."""
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 from contextlib import suppress
 
 import torch
@@ -81,6 +83,7 @@ class RunDirectory:
             path, state = newest_readable_checkpoint(self.path, report=self.rank == 0)
         if state is not None:
             check_same_run(state["args"], args, MAY_CHANGE_ON_RESUME)
+        read_metrics(self.metrics_path)  # a damaged line stops the run now, before any model loads
         return path, state
 
     def open(self, start_step):
@@ -123,13 +126,22 @@ class RunDirectory:
         tmp, old = (
             os.path.join(self.path, f".{kind}-{os.path.basename(final)}-{os.getpid()}") for kind in ("tmp", "old")
         )
-        policy.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(tmp):  # one mode for every file (safetensors writes 0600): the umask's
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        try:
+            policy.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in os.listdir(tmp):  # one mode for every file (safetensors writes 0600): the umask's
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+                fsync(os.path.join(tmp, name))
+        except BaseException as e:  # a full or read-only disk (torch and safetensors raise their own types), Ctrl-C
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays; earlier checkpoints are untouched
+            if not isinstance(e, Exception):
+                raise
+            kept = checkpoints(self.path)
+            before = f"{os.path.basename(kept[-1])} is intact" if kept else "no earlier checkpoint exists"
+            cannot_write(final, e, f"{before}; free space and continue with --resume")
         if os.path.exists(final):
             os.rename(final, old)
         os.rename(tmp, final)
@@ -163,10 +175,15 @@ def newest_readable_checkpoint(output_dir, report=True, only=None):
                     weights.get_slice(key)
             return path, state
         except Exception as e:  # noqa: BLE001 - any failure to read means: not this checkpoint
+            if only:
+                reason = (str(e).splitlines() or [""])[0][:200]
+                die(f"--resume_from_checkpoint {only!r} is unreadable ({type(e).__name__}: {reason}); pass another "
+                    "checkpoint-N folder, or --resume alone for the newest readable one")  # fmt: skip
             if report:
                 print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying the one before", flush=True)
-    if only or checkpoints(output_dir):
-        die(f"--resume: no readable checkpoint in {output_dir!r}; pass --overwrite_output_dir to start over")
+    if checkpoints(output_dir):
+        die(f"--resume: no readable checkpoint in {output_dir!r}; run without --resume and with "
+            "--overwrite_output_dir to start over")  # fmt: skip
     return None, None
 
 
@@ -209,6 +226,129 @@ def strict_json(record):
 def restart_metrics(path, step):
     """Keep the records up to `step` (those after it will be redone), rewritten atomically."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(strict_json(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(strict_json(r) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------- writing files that stay whole
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_space(path):
+    """'1.2 GB free on /mount' for the filesystem that holds path (or its nearest existing parent)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    mount = probe
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return f"{shutil.disk_usage(probe).free / 1e9:.2g} GB free on {mount}"
+
+
+def cannot_write(path, error, then):
+    """One line for a write that failed: what, why (the disk's free space), what is intact, what to do."""
+    reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:200]
+    die(f"cannot write {path} ({reason}; {free_space(path)}); {then}")
+
+
+def atomic_write(path, data, then="the previous file is intact; free space or pass another path"):
+    """Write `data` (str or bytes) to `path` whole or not at all: a temporary file beside it, fsync, rename.
+    A failure (full or read-only disk) removes the temporary file and ends with one line naming the disk."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(
+            tmp, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes) else "utf-8"
+        ) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        cannot_write(path, e, then)
+
+
+def append_line(path, line):
+    """Append one line and fsync; a failed append is cut back off, so the file never ends torn."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with suppress(OSError):
+            os.truncate(path, size)
+        cannot_write(path, e, "the records before this step are intact; free space and continue with --resume")
+
+
+# ----------------------------------------------------------------------------- what a run was started on
+SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of a file
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt")
+
+
+def file_fingerprint(path):
+    """'size:sha256' of a file: of all of it up to 3 MiB, else of 1 MiB at its start, middle and end. Cheap for
+    14B weights (9 MiB read per shard) and it changes whenever a file is replaced or edited, unless an edit
+    keeps the size and falls between the sampled blocks."""
+    size, digest = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in [0] if size <= 3 * SAMPLE else [0, size // 2 - SAMPLE // 2, size - SAMPLE]:
+            f.seek(offset)
+            digest.update(f.read(SAMPLE if size > 3 * SAMPLE else size))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def fingerprint(source):
+    """{file: fingerprint} of a local file, or of a local folder's weight, config and tokenizer files (not its
+    checkpoint-N/ subfolders); None for a hub id, whose content the hub keeps by revision."""
+    if os.path.isfile(source):
+        return {os.path.basename(source): file_fingerprint(source)}
+    if not os.path.isdir(source):
+        return None
+    names = sorted(n for n in os.listdir(source) if n.endswith(WEIGHT_FILES) and not n.startswith("."))
+    return {n: file_fingerprint(os.path.join(source, n)) for n in names if os.path.isfile(os.path.join(source, n))}
+
+
+def input_fingerprints(model, dataset):
+    return {"model": fingerprint(model), "dataset": fingerprint(dataset)}
+
+
+def check_same_inputs(state, inputs, checkpoint):
+    """--resume on a changed model or dataset (the reference would be reloaded from other weights, the prompts
+    would be other prompts) is refused in one line naming what changed. Checkpoints written before fingerprints
+    were kept, and hub ids, are not checked."""
+    saved = (state or {}).get("inputs") or {}
+    changed = []
+    for what, flag in (("model", "--model"), ("dataset", "--dataset")):
+        before, now = saved.get(what), inputs[what]
+        if before is None or now is None or before == now:
+            continue
+        files = sorted(n for n in before.keys() | now.keys() if before.get(n) != now.get(n))
+        changed.append(f"{flag} ({', '.join(files)})")
+    if changed:
+        die(f"--resume: {' and '.join(changed)} changed since the run began, so it would not continue the same run; "
+            f"restore the files, or start a new run from {checkpoint} with --model {checkpoint}")  # fmt: skip
+
+
+def interrupted(output_dir):
+    """Ctrl-C: one line saying what the run kept and how to continue it (rank 0), exit status 130."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        kept = checkpoints(output_dir)
+        metrics, steps = os.path.join(output_dir, "metrics.jsonl"), 0
+        with suppress(OSError, UnicodeDecodeError):
+            steps = len(open(metrics, encoding="utf-8").read().splitlines()) if os.path.exists(metrics) else 0
+        if not kept and not os.path.exists(metrics):
+            said = "nothing was written yet; run the same command again"
+        else:
+            last = f"{kept[-1]} (the newest checkpoint)" if kept else "no checkpoint yet"
+            said = f"kept {last} and {steps} step records in {metrics}; continue with the same command and --resume"
+        print(f"interrupted: {said}", file=sys.stderr, flush=True)
+    raise SystemExit(130)

@@ -28,6 +28,8 @@ def load_rows(path, split, flag="--dataset", config=""):
         die(f"{flag} {path!r}: no such file")
     if not local:
         check_hub(path, flag)
+    if local == "json":
+        check_utf8(path, flag)
     try:
         if local:
             rows = load_dataset(local, data_files=path, split="train")
@@ -39,6 +41,25 @@ def load_rows(path, split, flag="--dataset", config=""):
     if len(rows) == 0:
         die(f"{flag} {path!r} has no rows")
     return rows
+
+
+def check_utf8(path, flag):
+    """A JSON file must be UTF-8 text; else one line naming the first bad byte (the datasets library would load
+    it and fail only when the row is read)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                die(f"{flag} {path!r}: byte {offset + e.start} is not UTF-8 text; re-save the file as UTF-8")
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        die(f"{flag} {path!r}: the file ends inside a UTF-8 character (truncated?); re-save it as UTF-8")
 
 
 def check_texts(rows, column, source):

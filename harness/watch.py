@@ -1,5 +1,6 @@
 """Watching a run: the step's metrics and monitors, the reward-hacking alarm, statistics, trackers, plots."""
 
+import io
 import math
 import os
 import subprocess
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from harness.process import all_reduce, die, gather
-from harness.runs import read_metrics, strict_json
+from harness.runs import append_line, atomic_write, read_metrics, strict_json
 
 TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
 LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/reward_s",
@@ -206,10 +207,24 @@ def progress_bars(rank=0):
     return rank == 0 and sys.stderr.isatty()
 
 
+def quiet_libraries():
+    """In a log file (stderr not a terminal, as with `> log 2>&1`): no progress bar from any library (datasets'
+    "Generating train split", the GGUF conversion, "Loading weights", "Writing model shards"). They all draw with
+    tqdm, so its default becomes disable=True; the project's own bars pass `disable` explicitly."""
+    if sys.stderr.isatty():
+        return
+    import functools
+
+    import tqdm.std
+
+    if not getattr(tqdm.std.tqdm, "quieted", False):
+        tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+        tqdm.std.tqdm.quieted = True
+
+
 def log_step(path, record, max_steps, logger=None):
     """Append the step's record to metrics.jsonl (and the tracker), print its main numbers on one line."""
-    with open(path, "a") as f:
-        f.write(strict_json(record) + "\n")
+    append_line(path, strict_json(record) + "\n")
     if logger is not None:
         logger(record)
     shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in LOG_KEYS if key in record)
@@ -286,6 +301,9 @@ def plot_metrics(*argv):
             die(f"{path}: {bad!r} holds a value that is not a number; repair the file or pass another run")
     logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
     panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
+    if not panels:
+        known = ", ".join(k for _, keys in PANELS for k in keys)
+        die(f"{', '.join(paths)}: none of the plotted metrics is logged ({known}); pass metrics.jsonl of intuitor.py")
     rows, cols = (len(panels) + 3) // 4, min(len(panels), 4)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
@@ -293,7 +311,8 @@ def plot_metrics(*argv):
     for ax, (title, keys) in zip(axes.flat, panels):
         for name, records in runs.items():
             for key in keys:
-                online = all(abs(r[key] - r["train/self_certainty"]) < 1e-4 for r in records if key in r)
+                own = [(r[key], r["train/self_certainty"]) for r in records if key in r and "train/self_certainty" in r]
+                online = bool(own) and all(abs(a - b) < 1e-4 for a, b in own)
                 if key == "train/reward/self_certainty" and online:
                     continue  # the reward is the policy's own SC, already drawn
                 steps, values = [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
@@ -302,6 +321,8 @@ def plot_metrics(*argv):
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic_write(out, png.getvalue(), "nothing was written there; pass an OUT.png on a writable disk")
     print(f"wrote {out}")
     return out
