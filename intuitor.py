@@ -4,15 +4,15 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
 
     1 GPU / CPU : python intuitor.py --model Qwen/Qwen2.5-1.5B
     8 GPUs      : torchrun --standalone --nproc_per_node=8 intuitor.py --model Qwen/Qwen2.5-1.5B
-    7B and up   : torchrun ... intuitor.py --model Qwen/Qwen2.5-7B --parallel fsdp (sharded; see README)
+    7B and up   : torchrun ... intuitor.py --model Qwen/Qwen2.5-7B --parallel fsdp (sharded; docs/many_gpus.md)
     curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
-The algorithm, one optimizer step (paper Sec. 3, "Intuitor"; the paper's Algorithm is GRPO's):
+The algorithm, one optimizer step (paper Sec. 3; the loop is GRPO's: Shao et al., DeepSeekMath, arXiv 2402.03300):
   1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau);
   2. reward each by its self-certainty SC(o|q) = 1/|o| sum_i KL(U || p(.|q, o_<i)), read off the logits
      the sampler computes anyway (no extra forward pass; temperature 1 = the raw distribution);
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
-  4. minimise the clipped surrogate + beta * KL(pi || pi_ref), KL by the k3 estimator.
+  4. minimise the clipped surrogate + beta * KL(pi || pi_ref), KL by the k3 estimator (KL_ESTIMATORS).
 
 The file reads in that order, then the loop, then two appendices: a vocabulary-streamed lm_head (no
 tokens x |V| tensor, forward or backward) and what only a GPU needs (a fixed-shape sampler, bf16 copies).
