@@ -82,9 +82,10 @@ def detail_table(runs, names):
             test = mcnemar_exact(base, correct)
             paired = "" if step == 0 else f"{test['only_before']} / {test['only_after']}, {test['p_value']:.2g}"
             auroc = s["self_certainty_vs_correctness"].get("auroc")
+            auroc = "–" if auroc is None else f"{auroc:.2f}"  # no right answer: undefined
             print(
                 f"| {name} | {step} | {s['accuracy']:.3f} | {paired} | {s['mean_self_certainty']:.2f} | "
-                f"{auroc:.2f} | {s['mean_length']:.1f} |"
+                f"{auroc} | {s['mean_length']:.1f} |"
             )
 
 
