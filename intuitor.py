@@ -381,8 +381,9 @@ def answer_token_span(tokenizer, completion, answer_format):
     span = tasks.answer_span("".join(pieces), answer_format)
     if span is None:
         return None
-    ends = torch.tensor([len(p) for p in pieces]).cumsum(0)  # each token's end offset
-    starts = ends - torch.tensor([len(p) for p in pieces])
+    lengths = torch.tensor([len(p) for p in pieces])
+    ends = lengths.cumsum(0)  # each token's end offset in the text
+    starts = ends - lengths
     inside = ((starts < span[1]) & (ends > span[0])).nonzero().squeeze(1)
     return (inside[0].item(), inside[-1].item() + 1) if len(inside) else None
 
@@ -519,11 +520,9 @@ def token_group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
     for g in range(0, len(rewards), num_generations):
         group = rewards[g : g + num_generations]
         tokens = torch.cat(group)
-        divisor = {"group": tokens.std(), "batch": batch_std, "none": None}[scale]
-        equal = bool(tokens.amax() == tokens.amin())
-        for r in group:
-            a = r - tokens.mean()
-            out.append(torch.zeros_like(r) if equal else a if divisor is None else a / (divisor + eps))
+        mean, equal = tokens.mean(), bool(tokens.amax() == tokens.amin())
+        divisor = tokens.std() + eps if scale == "group" else batch_std + eps if scale == "batch" else 1.0
+        out += [torch.zeros_like(r) if equal else (r - mean) / divisor for r in group]
     return out
 
 

@@ -258,11 +258,9 @@ def cannot_write(path, error, then):
 def atomic_write(path, data, then="the previous file is intact; free space or pass another path"):
     """Write `data` (str or bytes) to `path` whole or not at all: a temporary file beside it, fsync, rename.
     A failure (full or read-only disk) removes the temporary file and ends with one line naming the disk."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp, data = f"{path}.tmp-{os.getpid()}", data if isinstance(data, bytes) else data.encode("utf-8")
     try:
-        with open(
-            tmp, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes) else "utf-8"
-        ) as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
