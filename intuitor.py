@@ -117,6 +117,7 @@ class Args:
     # run, checkpoints, logging
     output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here")
     save_steps: int = arg(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    final_checkpoint: bool = arg(True, "write a checkpoint at the end; false for benchmarks and sweeps that need none")
     resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint")
     resume_from_checkpoint: str = arg("", "continue from this checkpoint-N folder (implies --resume)")
     run_name: str = arg("", "the run's name in the tracker (--report_to); default: output_dir's folder name")
@@ -944,9 +945,10 @@ def update_step(run, rollouts, step):
 
 
 def checkpoint_step(run, step):
-    """Every save_steps and at the end: weights, tokenizer, optimizer and schedule, written by rank 0."""
+    """Every save_steps and at the end (unless --final_checkpoint false): weights, tokenizer, optimizer and
+    schedule, written by rank 0."""
     a = run.args
-    if not ((a.save_steps and step % a.save_steps == 0) or step == run.max_steps):
+    if not ((a.save_steps and step % a.save_steps == 0) or (step == run.max_steps and a.final_checkpoint)):
         return
     weights, optimizer = process.full_state_dicts(run.policy, run.optimizer)  # gathered on rank 0 (FSDP2 shards)
     if run.rt.rank == 0:
@@ -988,7 +990,8 @@ def train(args):
 
         run.watcher.record(step + 1, rollouts, per_sequence(rewards), update, lr, timings)
         checkpoint_step(run, step + 1)
-    run.watcher.done(run.run_dir.checkpoint_path(run.max_steps))
+    final = run.run_dir.checkpoint_path(run.max_steps)
+    run.watcher.done(final if os.path.isdir(final) else None)
     if run.rt.world_size > 1:
         dist.destroy_process_group()
     return run.policy

@@ -17,7 +17,7 @@ from harness.process import die
 # Flags that --resume may change: they do not change what the run computes. --max_steps is not one of them: it
 # sets the length of the cosine schedule, so a resumed run with another --max_steps would train on another one.
 MAY_CHANGE_ON_RESUME = set(
-    """save_steps save_total_limit resume overwrite_output_dir device output_dir log_completions_steps
+    """save_steps final_checkpoint save_total_limit resume overwrite_output_dir device output_dir log_completions_steps
     micro_batch_size chunk_size vocab_chunk_size gradient_checkpointing sampler sampling_weights report_to
     parallel resume_from_checkpoint run_name""".split()
 )

@@ -167,8 +167,10 @@ class Watcher:
             show_completion(self.tokenizer, rollouts[0])
 
     def done(self, final_checkpoint):
+        """The run's last line: its final checkpoint (None: --final_checkpoint false) and the plot command."""
         if self.rank == 0:
-            print(f"done: {final_checkpoint}; curves: python intuitor.py plot {self.metrics_path}", flush=True)
+            kept = final_checkpoint or "no checkpoint at the end (--final_checkpoint false)"
+            print(f"done: {kept}; curves: python intuitor.py plot {self.metrics_path}", flush=True)
 
 
 def make_logger(report_to, output_dir, config, run_name="intuitor"):

@@ -324,6 +324,13 @@ def test_script_writes_metrics_and_loadable_checkpoint(tiny_dir, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(lm.parameters(), before.parameters()))
 
 
+def test_final_checkpoint_false_writes_only_the_periodic_ones(tiny_dir, tmp_path):
+    p = small_run(tiny_dir, tmp_path, "--max_steps", "3", "--save_steps", "2", "--final_checkpoint", "false")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "metrics.jsonl"]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    assert "done: no checkpoint at the end (--final_checkpoint false)" in p.stdout
+
+
 def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
