@@ -3,10 +3,11 @@ Benchmarks (run as a script; pytest does not collect it). Each part prints a tab
 asserts anything about speed.
 
     python tests/benchmark.py memory                 # 1. peak memory of SC + log-probs, streamed vs full logits
-    python tests/benchmark.py step [--gguf FILE]     # 2. seconds per training step vs TRL's GRPOTrainer (needs trl)
-    python tests/benchmark.py sampling [--gguf FILE] # 3. sampling tokens/s vs model.generate
-    python tests/benchmark.py grading --data FILE    # 4. sandboxed grading of HumanEval's reference solutions
-    python tests/benchmark.py plan                   # 5. the memory plan at the paper's shape (computed, not run)
+    python tests/benchmark.py step [--gguf FILE]     # 2. seconds and peak memory per step vs TRL's GRPOTrainer (trl)
+    python tests/benchmark.py phases [--gguf FILE]   # 3. resident memory per phase of a training step
+    python tests/benchmark.py sampling [--gguf FILE] # 4. sampling tokens/s vs model.generate
+    python tests/benchmark.py grading --data FILE    # 5. sandboxed grading of HumanEval's reference solutions
+    python tests/benchmark.py plan                   # 6. the memory plan at the paper's shape (computed, not run)
 """
 
 import argparse
@@ -166,56 +167,51 @@ def model_dir(args):
     return path
 
 
-# ----------------------------------------------------------------------------- 2. step time vs TRL
-def step_ours(path, a, out):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "intuitor.py"),
-        "--model",
-        path,
-        "--dataset",
-        a.data,
-        "--prompts_per_step",
-        str(a.prompts),
-        "--num_generations",
-        str(a.G),
-        "--max_completion_length",
-        str(a.length),
-        "--micro_batch_size",
-        str(a.mbs),
-        "--beta",
-        str(a.beta),
-        "--max_steps",
-        str(a.steps),
-        "--save_steps",
-        "0",
-        "--output_dir",
-        out,
-        "--learning_rate",
-        "1e-6",
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        sys.exit("intuitor.py failed: " + p.stderr[-2000:])
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # first step warms up
-    return [(r["perf/sample_s"] + r["perf/update_s"], r["train/completion_length"]) for r in recs]
+# ----------------------------------------------------------------------------- 2. step time and memory vs TRL
+# Each side as its users run it, on the same work (prompts, G, completion length, beta, learning rate, fp32):
+# intuitor.py with its defaults, and with --gradient_checkpointing (TRL's default); TRL's GRPOTrainer with its
+# defaults (gradient checkpointing on, fused AdamW, loss_type dapo) at the two micro-batch x accumulation
+# splits of one step's sequences a user would pick. Its bf16 default is turned off: the work here is fp32.
+SIDES = {
+    "intuitor.py": ("ours", []),
+    "intuitor.py --gradient_checkpointing": ("ours", ["--gradient_checkpointing"]),
+    "TRL, micro-batch 8": ("trl", 8),  # x 2 accumulation steps at the Table 1 shape (16 sequences)
+    "TRL, micro-batch 4": ("trl", 4),  # x 4
+}
 
 
-def step_trl(path, a):
-    """TRL's GRPOTrainer configured like the official Intuitor trainer: self-certainty from a reward function
-    that runs its own forward pass over prompt + completion."""
-    from datasets import load_dataset
+def table1_flags(path, a, out):
+    """intuitor.py's flags for the benchmark's work (the Table 1 shape with the defaults), with no checkpoint."""
+    flags = ["--model", path, "--dataset", a.data, "--prompt_column", a.prompt_column,
+             "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G),
+             "--max_completion_length", str(a.length), "--micro_batch_size", str(a.mbs), "--beta", str(a.beta),
+             "--learning_rate", str(a.lr), "--max_steps", str(a.steps), "--seed", "42", "--output_dir", out,
+             "--reward", a.reward, "--save_steps", "0", "--final_checkpoint", "false"]  # fmt: skip
+    return flags
+
+
+def step_ours(path, a, extra):
+    """intuitor.py's training loop in this process: (seconds, mean completion length) per step."""
+    with tempfile.TemporaryDirectory() as out:
+        I.train(I.parse_args(table1_flags(path, a, out) + extra))
+        recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [(r["perf/sample_s"] + r["perf/reward_s"] + r["perf/update_s"], r["train/completion_length"]) for r in recs]
+
+
+def step_trl(path, a, micro_batch):
+    """TRL's GRPOTrainer with its defaults, scoring self-certainty as the official Intuitor trainer does: a
+    reward function running its own batched forward pass over prompt + completion. Accuracy is graded every
+    step as intuitor.py's monitor does (weight 0 with --reward self_certainty, the reward with accuracy)."""
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rows = load_dataset("json", data_files=a.data, split="train")
-    ds = rows.map(
-        lambda r: {
-            "prompt": [{"role": "system", "content": I.SYSTEM_PROMPT}, {"role": "user", "content": r["problem"]}]
-        }
-    )
+    rows, questions, golds = tasks.load_questions(a.data, "train", a.prompt_column)
+    answer_format = tasks.infer_answer_format(rows)
+    system = [{"role": "system", "content": I.SYSTEM_PROMPT}]
+    ds = Dataset.from_dict({"prompt": [system + [{"role": "user", "content": q}] for q in questions], "gold": golds})
     holder = {}
 
     def self_certainty_reward(prompts, completions, completion_ids, **_):
@@ -233,13 +229,9 @@ def step_trl(path, a):
             rewards.append(I.self_certainty(logits[k, len(s) - len(c) - 1 : len(s) - 1]).mean().item())
         return rewards
 
-    def accuracy_reward(completions, solution, **_):
-        """Answer grading, as intuitor.py's accuracy monitor does every step (weight 0: logged, not trained)."""
-        golds = [tasks.last_boxed(s) for s in solution]
-        return [
-            float(tasks.is_correct(tasks.extract_answer(c[0]["content"], "boxed"), g))
-            for c, g in zip(completions, golds)
-        ]
+    def accuracy_reward(completions, gold, **_):
+        return [float(tasks.is_correct(tasks.extract_answer(c[0]["content"], answer_format), g))
+                for c, g in zip(completions, gold)]  # fmt: skip
 
     times = []
 
@@ -251,27 +243,29 @@ def step_trl(path, a):
             times.append(time.time() - self.t0)
 
     n = a.prompts * a.G
+    sc = a.reward == "self_certainty"
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=a.mbs,
-        gradient_accumulation_steps=n // a.mbs,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=n // micro_batch,
         num_generations=a.G,
         max_completion_length=a.length,
         beta=a.beta,
-        learning_rate=1e-6,
-        temperature=0.9,
+        learning_rate=a.lr,
+        temperature=I.Args.temperature,
         max_steps=a.steps,
         use_cpu=True,
+        bf16=False,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
-        seed=0,
-        reward_weights=[1.0, 0.0],
+        seed=42,
+        reward_weights=[1.0, 0.0] if sc else [1.0],
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[self_certainty_reward, accuracy_reward],
+        reward_funcs=[self_certainty_reward, accuracy_reward] if sc else [accuracy_reward],
         args=cfg,
         train_dataset=ds,
         processing_class=tok,
@@ -280,41 +274,131 @@ def step_trl(path, a):
     holder["trainer"] = trainer
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return list(zip(times, lengths))[1:]  # first step warms up
+    return list(zip(times, lengths))
+
+
+def step_child(name, path, a):
+    """One side in this (fresh) process: its steps and the process's peak RSS, as one JSON line."""
+    kind, setting = SIDES[name]
+    steps = step_ours(path, a, setting) if kind == "ours" else step_trl(path, a, setting)
+    print(json.dumps({"steps": steps, "peak_rss_mb": peak_rss_mb()}))
 
 
 def step(args):
-    if args.trl_child:
-        print(json.dumps(step_trl(args.trl_child, args)))
-        return
     path = model_dir(args)
-    ours, trl = [], []
-    for _ in range(args.rounds):  # alternate A B A B so drift in machine load hits both
-        with tempfile.TemporaryDirectory() as out:
-            ours += step_ours(path, args, out)
-        p = subprocess.run(
-            [sys.executable, __file__, "step", "--trl_child", path, *sys.argv[2:]], capture_output=True, text=True
-        )
-        if p.returncode:
-            sys.exit("TRL run failed (pip install trl): " + p.stderr.strip().splitlines()[-1])
-        trl += json.loads(p.stdout.strip().splitlines()[-1])
-    mo, mt = (statistics.median(t for t, _ in side) for side in (ours, trl))
-    lo, lt = (statistics.mean(n for _, n in side) for side in (ours, trl))
-    # completions of different lengths cost different time: also per 1000 sampled completion tokens
-    ko, kt = (statistics.median(1000 * t / (n * args.prompts * args.G) for t, n in side) for side in (ours, trl))
+    names = [name for name in SIDES if not args.sides or SIDES[name][0] in args.sides.split(",")]
+    res = {name: {"steps": [], "peak": []} for name in names}
+    for _ in range(args.rounds):  # alternate A B C D A B C D so drift in machine load hits every side
+        for name in names:
+            argv = [sys.executable, __file__, "step", "--child", name, "--model_path", path, *sys.argv[2:]]
+            p = subprocess.run(argv, capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"{name} failed (TRL needs pip install trl): " + p.stderr.strip()[-2000:])
+            out = json.loads(p.stdout.strip().splitlines()[-1])
+            res[name]["steps"] += out["steps"][1:]  # the first step warms up
+            res[name]["peak"].append(out["peak_rss_mb"])
     print(
-        f"\n2. seconds per training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
-        f"x G={args.G}, {args.length} new tokens, beta {args.beta}, micro-batch {args.mbs}, fp32, "
-        f"CPU {os.cpu_count()} cores, {args.rounds} rounds A B"
+        f"\n2. one training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
+        f"x G={args.G}, "
+        f"<= {args.length} new tokens, reward {args.reward}, beta {args.beta}, lr {args.lr}, fp32, "
+        f"CPU {os.cpu_count()} cores, {args.rounds} rounds alternating, steps 2-{args.steps} of each run timed"
     )
-    print("| implementation | median s/step | mean completion length | median s per 1k tokens | steps timed |")
-    print("|---|---|---|---|---|")
-    print(f"| intuitor.py | {mo:.2f} | {lo:.1f} | {ko:.2f} | {len(ours)} |")
-    print(f"| TRL GRPOTrainer + batched SC reward forward | {mt:.2f} | {lt:.1f} | {kt:.2f} | {len(trl)} |")
-    print(f"ratio intuitor / TRL: {mo / mt:.2f} per step, {ko / kt:.2f} per 1k completion tokens")
+    print("| side | median s/step | mean completion length | median s per 1k tokens | peak RSS MiB (max of runs) "
+          "| steps timed |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    n_seq = args.prompts * args.G
+    for name, r in res.items():
+        per_step = statistics.median(t for t, _ in r["steps"])
+        per_k = statistics.median(1000 * t / (n * args.prompts * args.G) for t, n in r["steps"])
+        length = statistics.mean(n for _, n in r["steps"])
+        if SIDES[name][0] == "trl":
+            name = f"{name} x {n_seq // SIDES[name][1]} accumulation"
+        summary[name] = (per_step, per_k, max(r["peak"]))
+        print(f"| {name} | {per_step:.2f} | {length:.1f} | {per_k:.2f} | {max(r['peak']):.0f} | {len(r['steps'])} |")
+    for ours in (n for n in summary if n.startswith("intuitor")):
+        for trl in (n for n in summary if n.startswith("TRL")):
+            (a, b, c), (x, y, z) = summary[ours], summary[trl]
+            print(f"{ours} / {trl}: {a / x:.2f} per step, {b / y:.2f} per 1k tokens, {c / z:.2f} peak RSS")
 
 
-# ----------------------------------------------------------------------------- 3. sampling throughput
+# ----------------------------------------------------------------------------- 3. memory per phase
+class RssSampler:
+    """Peak resident memory of this process while a block runs, polled every millisecond from a thread (torch's
+    CPU kernels release the GIL, so the thread sees their buffers)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.stop = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def poll(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, current_rss_mb())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self.start = self.peak = current_rss_mb()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.end = current_rss_mb()
+        self.peak = max(self.peak, self.end)
+
+
+PHASES = {  # intuitor.py's own functions, in the order a step calls them
+    "load (setup)": "setup",
+    "1. sampling": "sample_step",
+    "2. reward + reference pass": "reward_step",
+    "4. update": "update_step",
+    "checkpoint": "checkpoint_step",
+}
+
+
+def phases(args):
+    """Runs intuitor.py's training loop in this process at the Table 1 shape (the final checkpoint written) and
+    records, per phase, resident memory on entry, at its peak and on exit (over every step)."""
+    path = model_dir(args)
+    seen, built = {name: [] for name in PHASES}, {}
+
+    def measured(name, fn):
+        def wrapper(*a, **kw):
+            with RssSampler() as s:
+                result = fn(*a, **kw)
+            if name != "checkpoint" or a[1] == a[0].max_steps:  # checkpoint_step(run, step) saves at the end
+                seen[name].append(s)
+            if name == "load (setup)":
+                built["run"] = result
+            return result
+
+        return wrapper
+
+    for name, fn in PHASES.items():
+        setattr(I, fn, measured(name, getattr(I, fn)))
+    with tempfile.TemporaryDirectory() as out:
+        I.train(I.parse_args(table1_flags(path, args, out) + ["--final_checkpoint", "true", *args.flags.split()]))
+    print(f"\n3. resident memory per phase, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
+          f"x G={args.G}, <= {args.length} tokens, micro-batch {args.mbs} {args.flags}, fp32, {args.steps} steps, "
+          "MiB")  # fmt: skip
+    print("| phase | times | RSS on entry (first) | peak (max) | peak above entry (max) | RSS on exit (last) |")
+    print("|---|---|---|---|---|---|")
+    for name, runs_ in seen.items():
+        if runs_:
+            print(f"| {name} | {len(runs_)} | {runs_[0].start:.0f} | {max(s.peak for s in runs_):.0f} | "
+                  f"{max(s.peak - s.start for s in runs_):.0f} | {runs_[-1].end:.0f} |")  # fmt: skip
+    weights = sum(p.numel() * p.element_size() for p in built["run"].policy.parameters()) / 2**20
+    print(
+        f"process peak RSS: {peak_rss_mb():.0f} MiB. Tensors a step keeps alive: policy weights {weights:.0f}, "
+        f"reference {weights if built['run'].ref_scorer else 0:.0f}, gradients {weights:.0f} (update), AdamW "
+        f"moments {2 * weights:.0f} (from the first update on); the rest is activations and allocator slack"
+    )
+
+
+# ----------------------------------------------------------------------------- 4. sampling throughput
 def sampling(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -323,7 +407,8 @@ def sampling(args):
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     rows = [json.loads(line) for line in open(args.data)][: args.prompts]
     prompts = [
-        tok(I.render_prompt(tok, r["problem"], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids for r in rows
+        tok(I.render_prompt(tok, r[args.prompt_column], I.SYSTEM_PROMPT), add_special_tokens=False).input_ids
+        for r in rows
     ]
     n = len(prompts) * args.G
 
@@ -373,7 +458,7 @@ def sampling(args):
             res[name].append(tokens / (time.time() - t0))
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
-        f"\n3. sampling, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {len(prompts)} prompts x G={args.G} = "
+        f"\n4. sampling, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {len(prompts)} prompts x G={args.G} = "
         f"{n} sequences x {args.length} tokens, fp32, {dev}, {args.rounds} rounds alternating"
     )
     print("| sampler | median tokens/s |\n|---|---|")
@@ -383,7 +468,7 @@ def sampling(args):
     print(f"ratios: intuitor.sample / generate = {a / c:.2f}, sample_static / generate = {b / c:.2f}")
 
 
-# ----------------------------------------------------------------------------- 4. sandboxed grading
+# ----------------------------------------------------------------------------- 5. sandboxed grading
 def grading(args):
     """Grade every reference solution of a HumanEval file (hub columns) in the sandbox, one program at a time
     and one per core, isolated by bubblewrap and as plain processes (the fallback) side by side; each must pass."""
@@ -405,7 +490,7 @@ def grading(args):
             res[mode, workers].append(time.time() - t0)
             passed = sum(g.correct for [g] in graded)
             assert passed == len(rows), (mode, passed)
-    print(f"\n4. sandboxed grading of {len(rows)} HumanEval reference solutions (all pass), CPU {os.cpu_count()} "
+    print(f"\n5. sandboxed grading of {len(rows)} HumanEval reference solutions (all pass), CPU {os.cpu_count()} "
           f"cores, {args.rounds} rounds alternating")  # fmt: skip
     print("| isolation | programs at once | median s | programs/s |\n|---|---|---|---|")
     for (mode, workers), times in res.items():
@@ -416,7 +501,7 @@ def grading(args):
             print(f"ratio bubblewrap / process, {workers} at once = {ratio:.2f}")
 
 
-# ----------------------------------------------------------------------------- 5. memory plan
+# ----------------------------------------------------------------------------- 6. memory plan
 def plan(args):
     """process.memory_plan at the paper's shape (128 prompts x 7 sequences of 512 + 3072 tokens per step, beta
     0.005, bf16 autocast) for Qwen2.5-1.5B, 3B, 7B and 14B from their published shapes, DDP and FSDP2, on 8 ranks
@@ -446,7 +531,7 @@ def plan(args):
             },
         ),
     ]
-    print("\n5. memory plan per rank (GiB), 128 prompts x 7 per step, 512 + 3072 tokens, bf16 autocast")
+    print("\n6. memory plan per rank (GiB), 128 prompts x 7 per step, 512 + 3072 tokens, bf16 autocast")
     print("| model | ranks | flags beyond the defaults (micro-batch 4) | persistent | sampling | update | peak "
           "| A100-40GB | 80 GB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -475,7 +560,7 @@ if __name__ == "__main__":
         )
         sys.exit()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["memory", "step", "sampling", "grading", "plan"])
+    ap.add_argument("part", choices=["memory", "step", "phases", "sampling", "grading", "plan"])
     ap.add_argument("--tokens", type=int, default=3584, help="memory: tokens of one sequence (512 + 3072)")
     ap.add_argument("--hidden", type=int, default=1536, help="memory: hidden size (Qwen2.5-1.5B)")
     ap.add_argument("--vocab", type=int, default=151936, help="memory: vocabulary (Qwen2.5)")
@@ -484,15 +569,28 @@ if __name__ == "__main__":
         "--gguf", default="", help="step/sampling: a GGUF model file (SmolLM2-135M-Instruct) instead of the tiny model"
     )
     ap.add_argument(
-        "--data", default=os.path.join(ROOT, "tests", "data", "math_tiny.jsonl"), help="prompts; grading: HumanEval"
+        "--data",
+        default=os.path.join(ROOT, "data", "arithmetic_train.jsonl"),
+        help="prompts (default: Table 1's); grading: HumanEval",
     )
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--G", type=int, default=4)
     ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--mbs", type=int, default=8, help="intuitor.py's micro-batch (Table 1's)")
     ap.add_argument("--beta", type=float, default=0.005)
+    ap.add_argument("--lr", type=float, default=5e-5, help="step/phases: learning rate, both sides (Table 1's)")
+    ap.add_argument("--prompt_column", default="question")
+    ap.add_argument("--reward", default="self_certainty", choices=["self_certainty", "accuracy"], help="step, phases")
+    ap.add_argument("--flags", default="", help="phases: more intuitor.py flags, e.g. '--gradient_checkpointing'")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--trl_child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default="", help="step: ours,trl or one of them (default: both)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--model_path", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    {"memory": memory, "step": step, "sampling": sampling, "grading": grading, "plan": plan}[a.part](a)
+    if a.child:
+        step_child(a.child, a.model_path, a)
+        sys.exit()
+    {"memory": memory, "step": step, "sampling": sampling, "grading": grading, "plan": plan, "phases": phases}[a.part](
+        a
+    )
