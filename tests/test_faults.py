@@ -20,6 +20,7 @@ from harness import runs
 INTERRUPT = """
 import os, runpy, signal, sys, torch
 phase, calls = sys.argv[1], [0]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when started in the background
 
 def interrupt_on(module, name, nth):  # Ctrl-C arrives during the nth call
     original = getattr(module, name)
