@@ -116,7 +116,7 @@ class Args:
     seed: int = arg(42, "seed for the data order and sampling")
     # run, checkpoints, logging
     output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here")
-    save_steps: int = arg(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_steps: int = arg(50, "checkpoint every N steps and at the end (see final_checkpoint); 0 = only at the end")
     final_checkpoint: bool = arg(True, "write a checkpoint at the end; false for benchmarks and sweeps that need none")
     resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint")
     resume_from_checkpoint: str = arg("", "continue from this checkpoint-N folder (implies --resume)")

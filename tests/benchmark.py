@@ -182,12 +182,11 @@ SIDES = {
 
 def table1_flags(path, a, out):
     """intuitor.py's flags for the benchmark's work (the Table 1 shape with the defaults), with no checkpoint."""
-    flags = ["--model", path, "--dataset", a.data, "--prompt_column", a.prompt_column,
-             "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G),
-             "--max_completion_length", str(a.length), "--micro_batch_size", str(a.mbs), "--beta", str(a.beta),
-             "--learning_rate", str(a.lr), "--max_steps", str(a.steps), "--seed", "42", "--output_dir", out,
-             "--reward", a.reward, "--save_steps", "0", "--final_checkpoint", "false"]  # fmt: skip
-    return flags
+    return ["--model", path, "--dataset", a.data, "--prompt_column", a.prompt_column,
+            "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G),
+            "--max_completion_length", str(a.length), "--micro_batch_size", str(a.mbs), "--beta", str(a.beta),
+            "--learning_rate", str(a.lr), "--max_steps", str(a.steps), "--seed", "42", "--output_dir", out,
+            "--reward", a.reward, "--save_steps", "0", "--final_checkpoint", "false"]  # fmt: skip
 
 
 def step_ours(path, a, extra):
@@ -293,25 +292,24 @@ def step(args):
             argv = [sys.executable, __file__, "step", "--child", name, "--model_path", path, *sys.argv[2:]]
             p = subprocess.run(argv, capture_output=True, text=True)
             if p.returncode:
-                sys.exit(f"{name} failed (TRL needs pip install trl): " + p.stderr.strip()[-2000:])
+                hint = " (TRL: pip install trl)" if SIDES[name][0] == "trl" else ""
+                sys.exit(f"{name} failed{hint}: " + p.stderr.strip()[-2000:])
             out = json.loads(p.stdout.strip().splitlines()[-1])
             res[name]["steps"] += out["steps"][1:]  # the first step warms up
             res[name]["peak"].append(out["peak_rss_mb"])
     print(
         f"\n2. one training step, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
-        f"x G={args.G}, "
-        f"<= {args.length} new tokens, reward {args.reward}, beta {args.beta}, lr {args.lr}, fp32, "
+        f"x G={args.G}, <= {args.length} new tokens, reward {args.reward}, beta {args.beta}, lr {args.lr}, fp32, "
         f"CPU {os.cpu_count()} cores, {args.rounds} rounds alternating, steps 2-{args.steps} of each run timed"
     )
     print("| side | median s/step | mean completion length | median s per 1k tokens | peak RSS MiB (max of runs) "
           "| steps timed |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    summary = {}
-    n_seq = args.prompts * args.G
+    summary, n_seq = {}, args.prompts * args.G
     for name, r in res.items():
         per_step = statistics.median(t for t, _ in r["steps"])
-        per_k = statistics.median(1000 * t / (n * args.prompts * args.G) for t, n in r["steps"])
-        length = statistics.mean(n for _, n in r["steps"])
+        per_k = statistics.median(1000 * t / (length * n_seq) for t, length in r["steps"])  # per sampled token
+        length = statistics.mean(length for _, length in r["steps"])
         if SIDES[name][0] == "trl":
             name = f"{name} x {n_seq // SIDES[name][1]} accumulation"
         summary[name] = (per_step, per_k, max(r["peak"]))
