@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import intuitor
@@ -342,8 +341,7 @@ def main(argv=None):
         if progress.disable and rt.rank == 0:  # a redirected log shows life once per batch
             print(f"{args.benchmark}: {min(i + args.batch_size, len(mine))} / {len(mine)} problems", flush=True)
     records = process.gather(records)
-    if rt.world_size > 1:
-        dist.destroy_process_group()
+    process.leave_process_group(rt)
     if rt.rank != 0:
         return
     records.sort(key=lambda r: r["index"])

@@ -992,8 +992,7 @@ def train(args):
         checkpoint_step(run, step + 1)
     final = run.run_dir.checkpoint_path(run.max_steps)
     run.watcher.done(final if os.path.isdir(final) else None)
-    if run.rt.world_size > 1:
-        dist.destroy_process_group()
+    process.leave_process_group(run.rt)
     return run.policy
 
 

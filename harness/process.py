@@ -138,6 +138,14 @@ def init_distributed(rt, always=False):
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
 
 
+def leave_process_group(rt):
+    """The end of a run with several ranks: wait until every rank is done with the group, then leave it (a rank
+    tearing its connections down while another still uses them can abort that rank at exit)."""
+    if rt.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on_first_rank(check):
     """Run check() on rank 0 alone (a lock, a directory) and share its verdict: when it fails with one error
     line, every rank stops with it, so no rank is left waiting on one that has exited. Before the process group
