@@ -8,6 +8,10 @@ import sys
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the cores, one thread each (and
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the scripts they start), so they do not fight over them
+    torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA = os.path.join(ROOT, "tests", "data", "math_tiny.jsonl")

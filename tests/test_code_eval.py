@@ -35,7 +35,8 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path, monkeypatch):
     precious.write_text("keep")
     monkeypatch.setenv("HF_TOKEN", "secret-token-value")
     bystander = subprocess.Popen(["sleep", "60"])  # stands for the grader and everything else on the host
-    temporary = set(os.listdir(tempfile.gettempdir()))
+    homes, mkdtemp = [], tempfile.mkdtemp  # the working directories the sandbox makes for this test's programs
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: homes.append(mkdtemp(*a, **k)) or homes[-1])
     hostile = {
         "infinite loop": "while True:\n    pass",
         "sleep": "import time\ntime.sleep(60)",
@@ -75,7 +76,7 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path, monkeypatch):
     assert "secret-token-value" not in by_name["read a secret"].stdout
     assert by_name["stdin"].stdout == "cba\n" and by_name["arithmetic"].stdout == "45\n"
     assert precious.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["precious.txt"]
-    assert set(os.listdir(tempfile.gettempdir())) <= temporary  # every working directory was removed
+    assert len(homes) == len(jobs) and not any(map(os.path.exists, homes))  # every working directory was removed
 
 
 # ---------------------------------------------------------------- answer extraction
