@@ -944,11 +944,15 @@ def update_step(run, rollouts, step):
     return update
 
 
+def checkpoint_due(args, step, max_steps):
+    """Whether step ends with a checkpoint: every --save_steps, and the last step unless --final_checkpoint false."""
+    return bool(args.save_steps and step % args.save_steps == 0) or (step == max_steps and args.final_checkpoint)
+
+
 def checkpoint_step(run, step):
-    """Every save_steps and at the end (unless --final_checkpoint false): weights, tokenizer, optimizer and
-    schedule, written by rank 0."""
+    """Weights, tokenizer, optimizer and schedule, written by rank 0 when a checkpoint is due."""
     a = run.args
-    if not ((a.save_steps and step % a.save_steps == 0) or (step == run.max_steps and a.final_checkpoint)):
+    if not checkpoint_due(a, step, run.max_steps):
         return
     weights, optimizer = process.full_state_dicts(run.policy, run.optimizer)  # gathered on rank 0 (FSDP2 shards)
     if run.rt.rank == 0:
@@ -990,8 +994,8 @@ def train(args):
 
         run.watcher.record(step + 1, rollouts, per_sequence(rewards), update, lr, timings)
         checkpoint_step(run, step + 1)
-    final = run.run_dir.checkpoint_path(run.max_steps)
-    run.watcher.done(final if os.path.isdir(final) else None)
+    final = checkpoint_due(run.args, run.max_steps, run.max_steps)
+    run.watcher.done(run.run_dir.checkpoint_path(run.max_steps) if final else None)
     process.leave_process_group(run.rt)
     return run.policy
 
