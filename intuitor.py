@@ -994,8 +994,8 @@ def train(args):
 
         run.watcher.record(step + 1, rollouts, per_sequence(rewards), update, lr, timings)
         checkpoint_step(run, step + 1)
-    final = checkpoint_due(run.args, run.max_steps, run.max_steps)
-    run.watcher.done(run.run_dir.checkpoint_path(run.max_steps) if final else None)
+    ends_on_checkpoint = checkpoint_due(run.args, run.max_steps, run.max_steps)
+    run.watcher.done(run.run_dir.checkpoint_path(run.max_steps) if ends_on_checkpoint else None)
     process.leave_process_group(run.rt)
     return run.policy
 

@@ -180,13 +180,14 @@ SIDES = {
 }
 
 
-def table1_flags(path, a, out):
-    """intuitor.py's flags for the benchmark's work (the Table 1 shape with the defaults), with no checkpoint."""
+def table1_flags(path, a, out, final_checkpoint=False):
+    """intuitor.py's flags for the benchmark's work (the Table 1 shape with the defaults); no checkpoint but,
+    if asked, the final one."""
     return ["--model", path, "--dataset", a.data, "--prompt_column", a.prompt_column,
             "--prompts_per_step", str(a.prompts), "--num_generations", str(a.G),
             "--max_completion_length", str(a.length), "--micro_batch_size", str(a.mbs), "--beta", str(a.beta),
             "--learning_rate", str(a.lr), "--max_steps", str(a.steps), "--seed", "42", "--output_dir", out,
-            "--reward", a.reward, "--save_steps", "0", "--final_checkpoint", "false"]  # fmt: skip
+            "--reward", a.reward, "--save_steps", "0", "--final_checkpoint", str(final_checkpoint).lower()]  # fmt: skip
 
 
 def step_ours(path, a, extra):
@@ -378,7 +379,7 @@ def phases(args):
     for name, fn in PHASES.items():
         setattr(I, fn, measured(name, getattr(I, fn)))
     with tempfile.TemporaryDirectory() as out:
-        I.train(I.parse_args(table1_flags(path, args, out) + ["--final_checkpoint", "true", *args.flags.split()]))
+        I.train(I.parse_args(table1_flags(path, args, out, final_checkpoint=True) + args.flags.split()))
     print(f"\n3. resident memory per phase, {'SmolLM2-135M' if args.gguf else 'tiny Qwen2'}: {args.prompts} prompts "
           f"x G={args.G}, <= {args.length} tokens, micro-batch {args.mbs} {args.flags}, fp32, {args.steps} steps, "
           "MiB")  # fmt: skip
@@ -551,6 +552,8 @@ def plan(args):
                   f"| {fits[0]} | {fits[1]} |")  # fmt: skip
 
 
+PARTS = {"memory": memory, "step": step, "phases": phases, "sampling": sampling, "grading": grading, "plan": plan}
+
 if __name__ == "__main__":
     if sys.argv[1] == "_memory_child":
         memory_child(
@@ -558,7 +561,7 @@ if __name__ == "__main__":
         )
         sys.exit()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["memory", "step", "phases", "sampling", "grading", "plan"])
+    ap.add_argument("part", choices=PARTS)
     ap.add_argument("--tokens", type=int, default=3584, help="memory: tokens of one sequence (512 + 3072)")
     ap.add_argument("--hidden", type=int, default=1536, help="memory: hidden size (Qwen2.5-1.5B)")
     ap.add_argument("--vocab", type=int, default=151936, help="memory: vocabulary (Qwen2.5)")
@@ -589,6 +592,4 @@ if __name__ == "__main__":
     if a.child:
         step_child(a.child, a.model_path, a)
         sys.exit()
-    {"memory": memory, "step": step, "sampling": sampling, "grading": grading, "plan": plan, "phases": phases}[a.part](
-        a
-    )
+    PARTS[a.part](a)
