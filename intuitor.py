@@ -994,14 +994,14 @@ def train(args):
 
         run.watcher.record(step + 1, rollouts, per_sequence(rewards), update, lr, timings)
         checkpoint_step(run, step + 1)
-    ends_on_checkpoint = checkpoint_due(run.args, run.max_steps, run.max_steps)
+    ends_on_checkpoint = checkpoint_due(args, run.max_steps, run.max_steps)
     run.watcher.done(run.run_dir.checkpoint_path(run.max_steps) if ends_on_checkpoint else None)
     process.leave_process_group(run.rt)
     return run.policy
 
 
 def setup(args):
-    """Each room asked once, in the order a run needs it: flags, run directory, data, then (the only slow part)
+    """Everything a run needs, built once and in the order it needs it: flags, run directory, data, then (the slow part)
     the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every check
     that can fail runs before any model loads."""
     watch.quiet_libraries()  # a log file holds one line per step
