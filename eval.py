@@ -49,6 +49,10 @@ class EvalArgs:
     system_prompt: str = field(
         default="", metadata={"help": "empty = the training prompt for math benchmarks, a neutral one for the others"}
     )
+    prompt_format: Literal["chat", "plain"] = field(
+        default="chat",
+        metadata={"help": "as intuitor.py's --prompt_format: evaluate in the format the model was trained in"},
+    )
     output: str = field(
         default="",
         metadata={
@@ -262,6 +266,7 @@ def summarize(records, args, system_prompt):
         "answer_found_frac": mean([s["extracted"] is not None for s in samples]),  # a box, a code block, a letter
         "mean_self_certainty": mean([s["self_certainty"] for s in samples]),
         "system_prompt": prompt_name(system_prompt),
+        "prompt_format": args.prompt_format,
     }
     grade = BENCHMARKS[args.benchmark].grade
     if grade == "math":
@@ -326,9 +331,12 @@ def main(argv=None):
     progress = tqdm(total=len(mine), unit="problem", disable=not progress_bars(rt.rank), desc=args.benchmark)
     for i in range(0, len(mine), args.batch_size):
         indices = mine[i : i + args.batch_size]
-        prompts = [intuitor.tokenize_prompt(tokenizer, problems[j]["question"], system_prompt) for j in indices]
+        questions = [problems[j]["question"] for j in indices]
+        prompts = [intuitor.tokenize_prompt(tokenizer, q, system_prompt, args.prompt_format) for q in questions]
         with rt.autocast():
             outputs = intuitor.sample(policy, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, pad_id)
+        if args.prompt_format == "plain":
+            intuitor.cut_at_stop(outputs, tokenizer, intuitor.PLAIN_STOP)
         texts = [tokenizer.decode(rollout.completion, skip_special_tokens=True) for rollout in outputs]
         per_problem = [texts[k * args.n : (k + 1) * args.n] for k in range(len(indices))]
         problems_here = [problems[j] for j in indices]

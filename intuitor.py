@@ -74,6 +74,11 @@ class Args:
         "auto", "final answer: last \\boxed{}, or else the last number; auto = number if gold answers are '#### N'"
     )
     system_prompt: str = arg(SYSTEM_PROMPT, "system message of the chat template ('' for none)")
+    prompt_format: Literal["chat", "plain"] = arg(
+        "chat",
+        "chat: the model's chat template; plain: 'SYSTEM\\n\\nQuestion: Q\\nAnswer:' as raw text, completions "
+        "cut after the stop string 'Question:' (a base-like regime; render_prompt)",
+    )
     # sampling (step 1)
     num_generations: int = arg(7, "G: completions sampled per prompt (group size)")
     prompts_per_step: int = arg(128, "prompts per optimizer step, summed over all ranks")
@@ -142,10 +147,17 @@ class Prompt(NamedTuple):
     gold: str | None  # gold answer: read by the GRPO reward and the accuracy monitor, never by INTUITOR
 
 
-def render_prompt(tokenizer, question, system_prompt):
+PLAIN_STOP = "Question:"  # --prompt_format plain: a completion ends where the model starts the next question
+
+
+def render_prompt(tokenizer, question, system_prompt, prompt_format="chat"):
     """The prompt text the model sees: its chat template with the paper's system prompt.
 
-    A tokenizer without a chat template falls back to plain "System: ...\\n\\nUser: ...\\n\\nAssistant:" text."""
+    - A tokenizer without a chat template falls back to plain "System: ...\\n\\nUser: ...\\n\\nAssistant:" text.
+    - prompt_format "plain" (a base-like regime for a chat-tuned model): no template, completion-style text,
+      "SYSTEM\\n\\nQuestion: QUESTION\\nAnswer:"; its completions end at EOS or at PLAIN_STOP (cut_at_stop)."""
+    if prompt_format == "plain":
+        return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {question}\nAnswer:"
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})
     if tokenizer.chat_template:
@@ -153,11 +165,13 @@ def render_prompt(tokenizer, question, system_prompt):
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
 
 
-def tokenize_prompt(tokenizer, question, system_prompt):
-    return tokenizer(render_prompt(tokenizer, question, system_prompt), add_special_tokens=False).input_ids
+def tokenize_prompt(tokenizer, question, system_prompt, prompt_format="chat"):
+    return tokenizer(
+        render_prompt(tokenizer, question, system_prompt, prompt_format), add_special_tokens=False
+    ).input_ids
 
 
-def make_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length):
+def make_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length, prompt_format="chat"):
     """Tokenised prompts with their gold answers; those over max_prompt_length are skipped and counted (a
     question longer in characters than max_prompt_length of the longest token cannot fit: skipped untokenised)."""
     prompts, skipped = [], 0
@@ -166,7 +180,7 @@ def make_prompts(questions, golds, tokenizer, system_prompt, max_prompt_length):
         if len(question) > max_prompt_length * longest_token:
             skipped += 1
             continue
-        ids = tokenize_prompt(tokenizer, question, system_prompt)
+        ids = tokenize_prompt(tokenizer, question, system_prompt, prompt_format)
         if len(ids) > max_prompt_length:
             skipped += 1
         else:
@@ -361,6 +375,24 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
     return stats.rollouts(prompts, num_generations, tokens, truncated)
+
+
+def cut_at_stop(rollouts, tokenizer, stop):
+    """Each completion whose text holds `stop` is cut after the token that completes it, as if that token were
+    a stop token: not truncated, its per-token values and their means those of the tokens kept (the plain
+    prompt format's end of an answer, PLAIN_STOP). The text is decoded one token at a time, as in
+    answer_token_span, so that a character offset maps back to a token."""
+    for r in rollouts:
+        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in r.completion]
+        at = "".join(pieces).find(stop)
+        if at < 0:
+            continue
+        ends = torch.tensor([len(p) for p in pieces]).cumsum(0)  # each token's end offset in the text
+        n = int((ends < at + len(stop)).sum()) + 1  # tokens up to the one holding the stop string's last character
+        r.completion, r.truncated = r.completion[:n], False
+        r.token_certainty, r.token_entropy, r.token_logp = (x[:n] for x in (r.token_certainty, r.token_entropy,
+                                                                            r.token_logp))  # fmt: skip
+        r.self_certainty, r.entropy = r.token_certainty.mean().item(), r.token_entropy.mean().item()
 
 
 # ----------------------------------------------------------------------------- 2. rewards
@@ -910,6 +942,8 @@ def sample_step(run, prompts):
             with run.rt.autocast():
                 rollouts += sampler(run.sampling_policy, ids, a.num_generations, a.max_completion_length,
                                     a.temperature, run.stop_ids, pad_id, a.top_k, a.top_p)  # fmt: skip
+    if a.prompt_format == "plain":  # the model's chat template is not used: an answer ends at PLAIN_STOP too
+        cut_at_stop(rollouts, run.tokenizer, PLAIN_STOP)
     return rollouts
 
 
@@ -1021,7 +1055,8 @@ def setup(args):
                                                   args.answer_column, need_gold=need_gold,
                                                   config=args.dataset_config)  # fmt: skip
     tokenizer = process.load_tokenizer(checkpoint or args.model)  # prompts are checked before the weights load
-    prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length)
+    prompts, skipped = make_prompts(questions, golds, tokenizer, args.system_prompt, args.max_prompt_length,
+                                    args.prompt_format)  # fmt: skip
     if len(prompts) < args.prompts_per_step:
         die(f"only {len(prompts)} prompts fit --max_prompt_length {args.max_prompt_length} ({skipped} are longer); "
             "raise --max_prompt_length or lower --prompts_per_step")  # fmt: skip

@@ -25,15 +25,25 @@ declare -A FLAGS=(
   [intuitor_beta0.1]="--reward self_certainty --beta 0.1"
   [token_sc]="--reward token_self_certainty" [mean_logprob]="--reward mean_logprob"
   [answer_sc]="--reward answer_self_certainty"
+  [plain_base]="" [plain_grpo]="--reward accuracy" [plain_intuitor]="--reward self_certainty"
+  [plain_grpo_seed43]="--reward accuracy --seed 43" [plain_intuitor_seed43]="--reward self_certainty --seed 43"
+  [plain_grpo_seed44]="--reward accuracy --seed 44" [plain_intuitor_seed44]="--reward self_certainty --seed 44"
 )
 for r in $RUNS; do
   [[ -v FLAGS[$r] ]] || { echo "error: unknown run '$r'; choose from: ${!FLAGS[*]}" >&2; exit 2; }
 done
+EVAL="--benchmark arithmetic --max_new_tokens 64 --batch_size 100"
 for r in $RUNS; do
-  /usr/bin/time -f "$r train wall %e s" python intuitor.py $COMMON ${FLAGS[$r]} --output_dir $OUT/$r > $OUT/$r.log 2>&1
-  for step in $STEPS; do
-    /usr/bin/time -f "$r step $step eval wall %e s" python eval.py --model $OUT/$r/checkpoint-$step \
-        --benchmark arithmetic --max_new_tokens 64 --batch_size 100 --output $OUT/$r.step$step.eval.jsonl \
+  FORMAT=""; [[ $r == plain_* ]] && FORMAT="--prompt_format plain"  # trained and evaluated in one format
+  if [[ $r == plain_base ]]; then
+    /usr/bin/time -f "$r eval wall %e s" python eval.py --model $M $EVAL $FORMAT --output $OUT/$r.eval.jsonl \
         >> $OUT/$r.eval.log 2>&1
+    continue
+  fi
+  /usr/bin/time -f "$r train wall %e s" python intuitor.py $COMMON ${FLAGS[$r]} $FORMAT --output_dir $OUT/$r \
+      > $OUT/$r.log 2>&1
+  for step in $STEPS; do
+    /usr/bin/time -f "$r step $step eval wall %e s" python eval.py --model $OUT/$r/checkpoint-$step $EVAL $FORMAT \
+        --output $OUT/$r.step$step.eval.jsonl >> $OUT/$r.eval.log 2>&1
   done
 done
