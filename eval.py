@@ -5,14 +5,14 @@ selection by self-certainty (arXiv 2502.18581).
 
     python eval.py --model runs/intuitor/checkpoint-50 --benchmark math500
     python eval.py --model PATH --benchmark gsm8k --data gsm8k_test.jsonl --limit 100 --max_new_tokens 256
-    python eval.py --model PATH --benchmark math500 --n 8 --temperature 0.7        # best-of-8
-    python eval.py --model PATH --benchmark humaneval --n 10 --temperature 0.8     # pass@1 ... pass@10
+    python eval.py --model PATH --benchmark math500 --num_samples 8 --temperature 0.7  # best-of-8
+    python eval.py --model PATH --benchmark humaneval --num_samples 10 --temperature 0.8  # pass@1 ... pass@10
     torchrun --nproc_per_node=8 eval.py --model PATH --benchmark math500           # sharded, gathered on rank 0
     python eval.py compare BASE.jsonl RUN.jsonl ...                                 # paired table of evaluations
 
 Prompting (chat template), stop tokens and decoding come from intuitor.py, so an answer's self-certainty is the
-exact quantity the policy was trained on; math answers are graded by harness/tasks.py, as the training rewards
-are; programs run in harness/sandbox.py. Greedy by default, as in the paper.
+exact quantity the policy was trained on; math answers are graded by intuitor_harness/tasks.py, as the training rewards
+are; programs run in intuitor_harness/sandbox.py. Greedy by default, as in the paper.
 """
 
 import fcntl
@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 import intuitor
-from harness import process, runs, sandbox
-from harness.benchmarks import BENCHMARKS, FAILURES, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
-from harness.process import die
-from harness.tasks import answer_clusters, last_boxed, plurality_winner
-from harness.watch import mann_whitney, progress_bars, quiet_libraries
+from intuitor_harness import process, runs, sandbox
+from intuitor_harness.benchmarks import BENCHMARKS, FAILURES, NEUTRAL_SYSTEM_PROMPT, grade_batch, load_problems
+from intuitor_harness.process import die
+from intuitor_harness.tasks import answer_clusters, last_boxed, plurality_winner
+from intuitor_harness.watch import mann_whitney, progress_bars, quiet_libraries
 
 
 @dataclass
@@ -43,7 +43,11 @@ class EvalArgs:
     limit: int = field(default=0, metadata={"help": "first N problems only; 0 = all"})
     batch_size: int = field(default=16, metadata={"help": "problems sampled at once per rank"})
     max_new_tokens: int = field(default=3072, metadata={"help": "completion budget"})
-    n: int = field(default=1, metadata={"help": "samples per problem; > 1 enables best-of-N selection"})
+    num_samples: int = field(
+        default=1,
+        metadata={"help": "samples per problem; > 1 enables best-of-N selection (also --n, not under torchrun)",
+                  "aliases": ["--n"]},
+    )  # fmt: skip
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     borda_p: float = field(default=0.5, metadata={"help": "exponent of self-certainty-weighted Borda voting"})
     system_prompt: str = field(
@@ -105,13 +109,16 @@ def output_path(args):
     """Where the records go, checked and claimed before any model loads: a file path whose folder can be made,
     and no earlier result there unless --overwrite (evaluating two models with the default path would otherwise
     keep only the second)."""
-    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}.jsonl")
-    summary = os.path.splitext(output)[0] + ".summary.json"
+    output = args.output or os.path.join("runs", "eval", model_label(args.model), f"{args.benchmark}.jsonl")
+    summary = summary_path(output)
     if os.path.isdir(output) or output.endswith(os.sep):
         die(f"--output {output!r} is a directory; pass a file path such as {os.path.join(output, 'eval.jsonl')!r}")
+    if not output.endswith(".jsonl"):  # the summary is named from it: a.jsonl and a.json would share a.summary.json
+        die(f"--output {output!r} must end with .jsonl (its summary goes beside it as *.summary.json)")
     earlier = any(os.path.isfile(path) and os.path.getsize(path) for path in (output, summary))  # empty: claimed
     if earlier and not args.overwrite:
-        die(f"--output {output!r} holds an earlier result; pass --overwrite to replace it, or another --output")
+        die(f"--output {output!r} holds an earlier result (of {earlier_model(summary) or 'an earlier evaluation'}); "
+            "pass another --output, or --overwrite to replace it")  # fmt: skip
     folder = os.path.dirname(os.path.abspath(output))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -129,9 +136,36 @@ def output_path(args):
 CLAIMS = []  # the open, locked --output files of this process
 
 
+def model_label(model):
+    """A folder name for --model's default --output: runs/eval/LABEL/BENCHMARK.jsonl, so that two models'
+    evaluations never share a file. A checkpoint is named with its run (intuitor-checkpoint-40), a .gguf file
+    by its name, a hub id with -- for / (Qwen--Qwen2.5-1.5B)."""
+    path = os.path.normpath(model)
+    name = os.path.basename(path)
+    if name.startswith("checkpoint-"):
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{name}"
+    elif name.endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    elif not os.path.exists(model):
+        name = model.replace("/", "--")
+    return name
+
+
+def summary_path(records_path):
+    return os.path.splitext(records_path)[0] + ".summary.json"
+
+
+def earlier_model(summary):
+    try:
+        with open(summary, encoding="utf-8") as f:
+            return json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_summary(path):
     """The summary eval.py wrote beside a records file; one error line when it is missing or unreadable."""
-    summary = os.path.splitext(path)[0] + ".summary.json"
+    summary = summary_path(path)
     try:
         with open(summary, encoding="utf-8") as f:
             s = json.load(f)
@@ -151,6 +185,11 @@ def compare(paths):
     if len(paths) < 1 or not all(os.path.isfile(p) for p in paths):
         die("usage: python eval.py compare BASE.jsonl [RUN.jsonl ...] (per-problem records written by eval.py)")
     base, base_summary = read_records(paths[0]), read_summary(paths[0])
+    summaries = [read_summary(path) for path in paths]
+    labels = [s.get("model") or path for s, path in zip(summaries, paths)]  # each side by its model
+    if len(set(labels)) < len(labels):  # one model evaluated twice: its file tells them apart
+        labels = [f"{label} ({os.path.basename(path)})" if s.get("model") else label
+                  for label, s, path in zip(labels, summaries, paths)]  # fmt: skip
     print(
         "| model | accuracy [95% CI] | mean length | truncated | mean SC | SC-correct AUROC (p) | vs base: b / c, p |"
     )
@@ -169,7 +208,7 @@ def compare(paths):
         auroc = f"{sc['auroc']:.2f} ({sc['p_value']:.2g})" if "auroc" in sc else "-"
         paired = "-" if i == 0 else f"{test['only_before']} / {test['only_after']}, {test['p_value']:.2g}"
         print(
-            f"| {path} | {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {s['mean_length']:.1f} | "
+            f"| {labels[i]} | {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {s['mean_length']:.1f} | "
             f"{s['truncated_frac']:.2f} | {s['mean_self_certainty']:.2f} | {auroc} | {paired} |"
         )
 
@@ -248,7 +287,7 @@ def prompt_name(system_prompt):
 
 def summarize(records, args, system_prompt):
     n = len(records)
-    samples = [s for r in records for s in (r["samples"] if args.n > 1 else [r])]
+    samples = [s for r in records for s in (r["samples"] if args.num_samples > 1 else [r])]
 
     def mean(values):  # over all samples: with n > 1, the accuracy of a single sample
         return sum(values) / max(len(samples), 1)
@@ -258,7 +297,7 @@ def summarize(records, args, system_prompt):
         "benchmark": args.benchmark,
         "model": args.model,
         "n_problems": n,
-        "samples_per_problem": args.n,
+        "samples_per_problem": args.num_samples,
         "accuracy": mean([s["correct"] for s in samples]),
         "accuracy_ci95": wilson_interval(k, len(samples)),
         "mean_length": mean([s["length"] for s in samples]),
@@ -281,12 +320,16 @@ def summarize(records, args, system_prompt):
         "mean_incorrect": sum(wrong) / len(wrong) if wrong else None,
         **(mann_whitney(right, wrong) or {}),
     }
-    if args.n > 1:
+    if args.num_samples > 1:
         for rule in records[0]["selected"]:
             out[f"best_of_n/{rule}"] = sum(r["selected"][rule]["correct"] for r in records) / n
         out["best_of_n/pass@n"] = sum(any(s["correct"] for s in r["samples"]) for r in records) / n
-        for k in sorted({2**e for e in range(args.n.bit_length()) if 2**e <= args.n} | {args.n}):
-            out[f"pass@{k}"] = sum(pass_at_k(args.n, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
+        for k in sorted(
+            {2**e for e in range(args.num_samples.bit_length()) if 2**e <= args.num_samples} | {args.num_samples}
+        ):
+            out[f"pass@{k}"] = (
+                sum(pass_at_k(args.num_samples, sum(s["correct"] for s in r["samples"]), k) for r in records) / n
+            )
     for key in BENCHMARKS[args.benchmark].groups:
         groups = {}
         for r in records:
@@ -300,10 +343,10 @@ def parse_args(argv):
     args = process.parse_flags(EvalArgs, argv, epilog=COMPARE_USAGE)
     if not args.model:
         die("--model is empty: pass a hub id, a local model directory or a .gguf file")
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
-        die("--n, --batch_size and --max_new_tokens must be >= 1, --limit >= 0 (0 = all)")
-    if not 0 <= args.temperature < math.inf or (args.n > 1 and args.temperature == 0):
-        die("--temperature must be >= 0, and > 0 with --n > 1 (else all samples are the same greedy answer)")
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
+        die("--num_samples, --batch_size and --max_new_tokens must be >= 1, --limit >= 0 (0 = all)")
+    if not 0 <= args.temperature < math.inf or (args.num_samples > 1 and args.temperature == 0):
+        die("--temperature must be >= 0, and > 0 with --num_samples > 1 (else all samples are the same greedy answer)")
     if not 0 < args.timeout < math.inf or args.grading_workers < 0:
         die("--timeout must be a positive number of seconds, --grading_workers >= 0 (0 = one per CPU core)")
     process.check_device(args.device)
@@ -334,20 +377,25 @@ def main(argv=None):
         questions = [problems[j]["question"] for j in indices]
         prompts = [intuitor.tokenize_prompt(tokenizer, q, system_prompt, args.prompt_format) for q in questions]
         with rt.autocast():
-            outputs = intuitor.sample(policy, prompts, args.n, args.max_new_tokens, args.temperature, stop_ids, pad_id)
+            outputs = intuitor.sample(
+                policy, prompts, args.num_samples, args.max_new_tokens, args.temperature, stop_ids, pad_id
+            )
         if args.prompt_format == "plain":
             intuitor.cut_at_stop(outputs, tokenizer, intuitor.PLAIN_STOP)
         texts = [tokenizer.decode(rollout.completion, skip_special_tokens=True) for rollout in outputs]
-        per_problem = [texts[k * args.n : (k + 1) * args.n] for k in range(len(indices))]
+        per_problem = [texts[k * args.num_samples : (k + 1) * args.num_samples] for k in range(len(indices))]
         problems_here = [problems[j] for j in indices]
         graded = grade_batch(args.benchmark, problems_here, per_problem, args.timeout, args.grading_workers)
         for k, j in enumerate(indices):
             code = BENCHMARKS[args.benchmark].grade in ("code", "output")
-            samples = sample_records(outputs[k * args.n : (k + 1) * args.n], per_problem[k], graded[k], code)
+            samples = sample_records(
+                outputs[k * args.num_samples : (k + 1) * args.num_samples], per_problem[k], graded[k], code
+            )
             records.append(problem_record(j, problems[j], samples, args))
         progress.update(len(indices))
         if progress.disable and rt.rank == 0:  # a redirected log shows life once per batch
             print(f"{args.benchmark}: {min(i + args.batch_size, len(mine))} / {len(mine)} problems", flush=True)
+    progress.close()  # before anything else is printed: no bar redrawn after the result
     records = process.gather(records)
     process.leave_process_group(rt)
     if rt.rank != 0:
@@ -357,16 +405,25 @@ def main(argv=None):
     # whole files or none (temporary file, fsync, rename): a full disk leaves the claimed, empty --output
     runs.atomic_write(output, "".join(json.dumps(r) + "\n" for r in records), "nothing was written; free space and "
                       "run the same command again")  # fmt: skip
-    runs.atomic_write(os.path.splitext(output)[0] + ".summary.json", json.dumps(summary, indent=2),
+    runs.atomic_write(summary_path(output), json.dumps(summary, indent=2),
                       f"{output} holds the records; free space and run the same command with --overwrite")  # fmt: skip
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {output} (one record per problem) and {os.path.splitext(output)[0]}.summary.json")
+    print(result_line(summary, output), flush=True)
+
+
+def result_line(summary, output):
+    """'math500: accuracy 0.412 [0.369, 0.456], 500 problems; records runs/eval/m/math500.jsonl, summary ...'."""
+    lo, hi = summary["accuracy_ci95"]
+    each = f" x {summary['samples_per_problem']} samples" if summary["samples_per_problem"] > 1 else ""
+    return (f"{summary['benchmark']}: accuracy {summary['accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}], "
+            f"{summary['n_problems']} problems{each}; records {output}, summary {summary_path(output)}")  # fmt: skip
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compare"]:
+        quiet_libraries()  # also: a closed pipe (| head) ends nothing with a traceback
         compare(sys.argv[2:])
     else:
+        runs.interrupt_once()
         try:
             main(sys.argv[1:])
         except KeyboardInterrupt:  # Ctrl-C: records are written only once every problem is graded

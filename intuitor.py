@@ -7,27 +7,27 @@ INTUITOR in one file: GRPO whose only reward is the model's own self-certainty
     7B and up   : torchrun ... intuitor.py --model Qwen/Qwen2.5-7B --parallel fsdp (sharded; docs/many_gpus.md)
     curves      : python intuitor.py plot runs/intuitor/metrics.jsonl
 
-The algorithm, one optimizer step (paper Sec. 3; the loop is GRPO's: Shao et al., DeepSeekMath, arXiv 2402.03300):
-  1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau);
-  2. reward each by its self-certainty SC(o|q) = 1/|o| sum_i KL(U || p(.|q, o_<i)), read off the logits
-     the sampler computes anyway (no extra forward pass; temperature 1 = the raw distribution);
+The algorithm, one rollout step (paper Sec. 3; the loop is GRPO's: Shao et al., DeepSeekMath, arXiv 2402.03300):
+  1. sample G completions o_1..o_G per prompt q from the current policy (temperature tau, top-k, top-p);
+  2. reward each by its self-certainty SC(o|q) = 1/|o| sum_i KL(U || p(.|q, o_<i)), read off the raw
+     (temperature-1) logits the sampler computes anyway: no extra forward pass;
   3. group-normalise rewards into advantages A = (SC - mean_G) / (std_G + 1e-4);
-  4. minimise the clipped surrogate + beta * KL(pi || pi_ref), KL by the k3 estimator (KL_ESTIMATORS).
+  4. minimise the clipped surrogate + beta * KL(pi || pi_ref) (k3 estimator) over the completions' tokens,
+     with num_iterations optimizer steps on the same rollouts (1 in the paper).
 
-The file reads in that order, then the loop, then two appendices: a vocabulary-streamed lm_head (no
-tokens x |V| tensor, forward or backward) and what only a GPU needs (a fixed-shape sampler, bf16 copies).
-The method is all here. harness/ holds what surrounds it: flag checks, ranks, model loading and the memory
-plan (process.py); the run directory, checkpoints and resume (runs.py); every logged metric, the
-reward-hacking alarm and plots (watch.py); datasets, answer extraction and grading (tasks.py), which the
-GRPO baselines and the accuracy monitor use; and the benchmarks and sandbox of eval.py.
+The file reads in that order, then the loop and its setup, then what only a GPU needs (a fixed-shape sampler,
+bf16 copies). Each registry here (REWARDS, ADVANTAGES, REWARD_MIXINGS, KL_ESTIMATORS, IMPORTANCE_RATIOS,
+LOSS_AGGREGATIONS) holds the paper's entries; ablations.py adds the wider literature's variations to the same
+registries (docs/ablations.md), so this file holds no code of theirs. intuitor_harness/ holds what surrounds the method:
+flag checks, ranks, model loading and the memory plan (process.py); the run directory, checkpoints and resume
+(runs.py); every logged metric, the reward-hacking alarm and plots (watch.py); datasets, answer extraction and
+grading (tasks.py), which the GRPO baselines and the accuracy monitor use; and the benchmarks and sandbox of eval.py.
 
 Before you fork:
   - token i is scored at position i-1 (the official `logits[:, -C:]` is off by one);
   - on GPU the policy keeps fp32 master weights under bf16 autocast;
   - every step re-seeds from (seed, step, rank), so a resumed run samples what an uninterrupted one would;
-  - a prompt's G completions share a rank, and the loss normaliser counts the tokens of all ranks;
-  - rewards, loss aggregations and KL estimators are registries (REWARDS, LOSS_AGGREGATIONS, KL_ESTIMATORS):
-    one small function and one entry make a new flag value (docs/ablations.md).
+  - a prompt's G completions share a rank, and the loss normaliser counts the tokens of all ranks.
 """
 
 import copy
@@ -37,6 +37,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
@@ -45,8 +46,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from harness import process, runs, tasks, watch
-from harness.process import die
+from intuitor_harness import process, runs, tasks, watch
+from intuitor_harness.process import die
 
 SYSTEM_PROMPT = (
     "You are a helpful AI Assistant, designed to provided well-reasoned and detailed responses. You FIRST "
@@ -57,87 +58,114 @@ SYSTEM_PROMPT = (
 
 
 # ----------------------------------------------------------------------------- arguments
-def arg(default, help):  # a command-line flag: its default and its line in --help
-    return field(default=default, metadata={"help": help})
+def arg(default, help, group):  # a command-line flag: its default, its line in --help and its group there
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+PAPER, SAMPLING, UPDATE, VARIATIONS, RUN, HARDWARE = (
+    "the paper's method and data",
+    "sampling (step 1)",
+    "the update (steps 3-4)",
+    "variations from the literature (ablations.py, docs/ablations.md)",
+    "the run: output, checkpoints, logging",
+    "memory, precision and several GPUs",
+)
 
 
 @dataclass
 class Args:
-    # model and data
-    model: str = arg("Qwen/Qwen2.5-1.5B", "hub id, local directory or local .gguf file")
-    dataset: str = arg("DigitalLearningGmbH/MATH-lighteval", "hub dataset or local .json/.jsonl/.parquet")
-    dataset_config: str = arg("", "configuration of a hub dataset (openai/gsm8k: main)")
-    dataset_split: str = arg("train", "split of a hub dataset")
-    prompt_column: str = arg("problem", "column holding the question")
-    answer_column: str = arg("", "gold answers (accuracy reward/monitor); default `answer`, else `solution`")
+    """Every flag, in --help's groups; the defaults are the paper's. A name in a registry is listed by --help."""
+
+    # the paper's method and data
+    model: str = arg("Qwen/Qwen2.5-1.5B", "hub id, local directory or local .gguf file", PAPER)
+    dataset: str = arg("DigitalLearningGmbH/MATH-lighteval", "hub dataset or local .json/.jsonl/.parquet", PAPER)
+    dataset_config: str = arg("", "configuration of a hub dataset (openai/gsm8k: main)", PAPER)
+    dataset_split: str = arg("train", "split of a hub dataset", PAPER)
+    prompt_column: str = arg("problem", "column holding the question", PAPER)
+    answer_column: str = arg("", "gold answers (accuracy reward/monitor); default `answer`, else `solution`", PAPER)
     answer_format: Literal["auto", "boxed", "number"] = arg(
-        "auto", "final answer: last \\boxed{}, or else the last number; auto = number if gold answers are '#### N'"
+        "auto",
+        "final answer: last \\boxed{}, or else the last number; auto = number if gold answers are '#### N'",
+        PAPER,
     )
-    system_prompt: str = arg(SYSTEM_PROMPT, "system message of the chat template ('' for none)")
+    system_prompt: str = arg(SYSTEM_PROMPT, "system message of the chat template ('' for none)", PAPER)
     prompt_format: Literal["chat", "plain"] = arg(
-        "chat",
-        "chat: the model's chat template; plain: 'SYSTEM\\n\\nQuestion: Q\\nAnswer:' as raw text, completions "
-        "cut after the stop string 'Question:' (a base-like regime; render_prompt)",
-    )
+        "chat", "chat: the model's chat template; plain: 'SYSTEM\\n\\nQuestion: Q\\nAnswer:' as raw text, completions "
+        "cut after 'Question:' (a base-like regime; render_prompt)", PAPER,
+    )  # fmt: skip
+    reward: str = arg("self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5'", PAPER)
+    beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model", PAPER)
+    learning_rate: float = arg(3e-6, "AdamW peak learning rate", PAPER)
+    prompts_per_step: int = arg(128, "prompts per rollout step, summed over all ranks", PAPER)
+    num_generations: int = arg(7, "G: completions sampled per prompt (group size)", PAPER)
     # sampling (step 1)
-    num_generations: int = arg(7, "G: completions sampled per prompt (group size)")
-    prompts_per_step: int = arg(128, "prompts per optimizer step, summed over all ranks")
-    generation_batch_size: int = arg(0, "sequences sampled at once per rank; 0 = all of the step")
-    max_prompt_length: int = arg(512, "longer prompts are skipped (and counted)")
-    max_completion_length: int = arg(3072, "new tokens per completion")
-    temperature: float = arg(0.9, "sampling temperature; log-probs use logits / temperature")
-    top_k: int = arg(0, "sample from the k most likely tokens; 0 = all (the official recipes: 50)")
-    top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
-    sampler: Literal["eager", "static"] = arg("eager", "static: fixed-shape KV cache, a CUDA graph per step on GPU")
+    generation_batch_size: int = arg(0, "sequences sampled at once per rank; 0 = all of the step", SAMPLING)
+    max_prompt_length: int = arg(512, "longer prompts are skipped (and counted)", SAMPLING)
+    max_completion_length: int = arg(3072, "new tokens per completion", SAMPLING)
+    temperature: float = arg(0.9, "sampling temperature; log-probs use logits / temperature", SAMPLING)
+    top_k: int = arg(0, "sample from the k most likely tokens; 0 = all (the official recipes: 50)", SAMPLING)
+    top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability", SAMPLING)
+    sampler: Literal["eager", "static"] = arg(
+        "eager", "static: fixed-shape KV cache, a CUDA graph per step on GPU", SAMPLING
+    )
     sampling_weights: Literal["autocast", "bf16"] = arg(
-        "autocast", "bf16 runs: autocast over fp32 weights, or a bf16 copy"
+        "autocast", "bf16 runs: autocast over fp32 weights, or a bf16 copy", SAMPLING
     )
-    # reward (step 2)
-    reward: str = arg(
-        "self_certainty", "a name in REWARDS, or a weighted mix 'self_certainty=1,accuracy=0.5' (docs/ablations.md)"
+    # the update (steps 3-4)
+    epsilon: float = arg(0.2, "lower clip range of the token ratio: ratio >= 1 - epsilon", UPDATE)
+    epsilon_high: float = arg(0.2, "upper clip range of the token ratio: ratio <= 1 + epsilon_high", UPDATE)
+    num_iterations: int = arg(1, "mu: optimizer steps per batch of rollouts", UPDATE)
+    micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation)", UPDATE)
+    warmup_ratio: float = arg(0.1, "fraction of optimizer steps with linear warmup before the cosine decay", UPDATE)
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping", UPDATE)
+    weight_decay: float = arg(0.0, "AdamW weight decay", UPDATE)
+    max_steps: int = arg(-1, "rollout steps; -1 = --num_train_epochs epochs over the prompts", UPDATE)
+    num_train_epochs: int = arg(1, "epochs over the prompts when --max_steps is -1", UPDATE)
+    seed: int = arg(42, "seed for the data order and sampling", UPDATE)
+    # variations from the literature (ablations.py fills the registries these flags name)
+    certainty_model: Literal["policy", "reference"] = arg(
+        "policy", "who scores the self_certainty reward: the policy being trained (online, the paper's) or the frozen "
+        "initial model (offline, paper Fig. 7)", VARIATIONS,
+    )  # fmt: skip
+    reward_mixing: str = arg("separate", "how several rewards combine: a name in REWARD_MIXINGS", VARIATIONS)
+    scale_rewards: str = arg("group", "what advantages are divided by: a name in ADVANTAGES", VARIATIONS)
+    kl_estimator: str = arg("k3", "estimator of KL(pi || pi_ref): a name in KL_ESTIMATORS", VARIATIONS)
+    importance_sampling_level: str = arg(
+        "token", "the importance ratio: a name in IMPORTANCE_RATIOS (TRL's flag)", VARIATIONS
     )
-    reward_mixing: Literal["separate", "official"] = arg(
-        "separate", "several rewards: each normalised then weighted, or the official trainer's rule (mixed_advantages)"
+    sequence_epsilon: float = arg(3e-4, "lower clip range of the sequence-level ratio (GSPO's)", VARIATIONS)
+    sequence_epsilon_high: float = arg(4e-4, "upper clip range of the sequence-level ratio (GSPO's)", VARIATIONS)
+    loss_type: str = arg("token", "how token losses are averaged: a name in LOSS_AGGREGATIONS", VARIATIONS)
+    mask_truncated_completions: bool = arg(
+        False, "completions cut by max_completion_length take no part in the loss (DAPO)", VARIATIONS
     )
-    certainty_model: Literal["policy", "reference"] = arg("policy", "who scores self-certainty: online or frozen")
-    # loss and optimizer (steps 3-4)
-    beta: float = arg(0.005, "weight of KL(pi || pi_ref); 0 skips the reference model")
-    kl_estimator: str = arg("k3", "a name in KL_ESTIMATORS: k1, k2 or k3 (Schulman's estimators of KL(pi || pi_ref))")
-    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
-    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high")
-    loss_type: str = arg("token", "a name in LOSS_AGGREGATIONS: token (TRL: dapo), grpo or dr_grpo; see aggregate_loss")
-    scale_rewards: Literal["group", "batch", "none"] = arg(
-        "group", "advantages divided by the group's reward std, the whole step's, or not at all (Dr. GRPO)"
+    # the run: output, checkpoints, logging
+    output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here", RUN)
+    save_steps: int = arg(
+        50, "checkpoint every N steps and at the end (see final_checkpoint); 0 = only at the end", RUN
     )
-    num_iterations: int = arg(1, "mu: optimizer steps per batch of rollouts")
-    mask_truncated_completions: bool = arg(False, "completions cut by max_completion_length take no part in the loss")
-    micro_batch_size: int = arg(4, "sequences per forward/backward (gradient accumulation)")
-    learning_rate: float = arg(3e-6, "AdamW peak learning rate")
-    warmup_ratio: float = arg(0.1, "fraction of optimizer steps with linear warmup before the cosine decay")
-    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_steps: int = arg(-1, "rollout steps; -1 = --num_train_epochs epochs over the prompts")
-    num_train_epochs: int = arg(1, "epochs over the prompts when --max_steps is -1")
-    seed: int = arg(42, "seed for the data order and sampling")
-    # run, checkpoints, logging
-    output_dir: str = arg("runs/intuitor", "metrics.jsonl and checkpoint-N/ go here")
-    save_steps: int = arg(50, "checkpoint every N steps and at the end (see final_checkpoint); 0 = only at the end")
-    final_checkpoint: bool = arg(True, "write a checkpoint at the end; false for benchmarks and sweeps that need none")
-    resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint")
-    resume_from_checkpoint: str = arg("", "continue from this checkpoint-N folder (implies --resume)")
-    run_name: str = arg("", "the run's name in the tracker (--report_to); default: output_dir's folder name")
-    overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
-    save_total_limit: int = arg(2, "keep the newest N checkpoints (the older one backs up a torn newest); 0 = all")
-    log_completions_steps: int = arg(10, "print a sample completion every N steps; 0 = never")
-    report_to: Literal["none", "tensorboard", "wandb"] = arg("none", "also log to (metrics.jsonl is always written)")
-    # memory and precision
-    chunk_size: int = arg(1024, "tokens per chunk of the streamed lm_head")
-    vocab_chunk_size: int = arg(4096, "vocabulary slice of the streamed lm_head")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward")
-    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto = cuda when available")
+    final_checkpoint: bool = arg(
+        True, "write a checkpoint at the end; --final_checkpoint false (or --no_final_checkpoint) skips it", RUN
+    )
+    resume: bool = arg(False, "continue the run in output_dir from its latest readable checkpoint", RUN)
+    resume_from_checkpoint: str = arg("", "continue from this checkpoint-N folder (implies --resume)", RUN)
+    run_name: str = arg("", "the run's name in the tracker (--report_to); default: output_dir's folder name", RUN)
+    overwrite_output_dir: bool = arg(False, "replace the run already in output_dir", RUN)
+    save_total_limit: int = arg(2, "keep the newest N checkpoints (the older one backs up a torn newest); 0 = all", RUN)
+    log_completions_steps: int = arg(10, "print a sample completion every N steps; 0 = never", RUN)
+    report_to: Literal["none", "tensorboard", "wandb"] = arg(
+        "none", "also log to (metrics.jsonl is always written)", RUN
+    )
+    # memory, precision and several GPUs
+    chunk_size: int = arg(1024, "tokens per chunk of the streamed lm_head", HARDWARE)
+    vocab_chunk_size: int = arg(4096, "vocabulary slice of the streamed lm_head", HARDWARE)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward", HARDWARE)
+    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", HARDWARE)
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto = cuda when available", HARDWARE)
     parallel: Literal["ddp", "fsdp"] = arg(
-        "ddp", "several ranks: replicate the weights (DDP) or shard weights, gradients and AdamW state (FSDP2)"
+        "ddp",
+        "several ranks: replicate the weights (DDP) or shard weights, gradients and AdamW state (FSDP2)",
+        HARDWARE,
     )
 
 
@@ -206,37 +234,17 @@ def stop_token_ids(tokenizer, policy):
     return sorted(i for i in ids if i is not None)
 
 
-@dataclass
-class Rollout:
-    """One sampled completion and what the step learns about it; each field is filled by the stage named."""
-
-    # sample(): the completion and what the sampler read off the distributions it was drawn from (the raw
-    # temperature-1 logits of the policy that sampled it)
-    prompt: list  # prompt token ids (unpadded)
-    completion: list  # sampled token ids, ending with a stop token unless truncated
-    self_certainty: float  # SC(o|q), the mean of token_certainty: the online INTUITOR reward
-    entropy: float  # the mean of token_entropy
-    truncated: bool  # cut off by max_completion_length
-    # per generated token, CPU float32 tensors of len(completion)
-    token_certainty: torch.Tensor | None = None  # self-certainty of each position's next-token distribution
-    token_entropy: torch.Tensor | None = None  # entropy (nats) of the same distributions
-    token_logp: torch.Tensor | None = None  # log p(o_i | q, o_<i) of each sampled token
-    # grade(): only when a reward or the accuracy monitor needs the final answer
-    answer: str | None = None  # extracted final answer
-    correct: bool = False  # answer equals the gold one
-    answer_tokens: tuple | None = None  # [start, end) of the final answer in `completion` (when a reward asks)
-    # reference_pass(): only when beta > 0 or certainty_model == "reference"
-    ref_logp: torch.Tensor | None = None  # per-token log-probs under the frozen initial model, for the KL
-    self_certainty_ref: float | None = None  # SC(o|q) under the frozen initial model: the offline reward
-    # the loop: group-normalised reward; a float, or a (len(completion),) tensor for token-level rewards
-    advantage: float | torch.Tensor = 0.0
-
-
+# Self-certainty (paper Sec. 3): how far each next-token distribution is from uniform, KL(U || p).
+# - Its -log|V| term is the same constant for every token of every completion, so it cancels in the advantage
+#   (r - mean_G), as any constant shared by a group does; it only makes a uniform distribution score 0.
+# - KL(U || p) rather than entropy: entropy, KL(p || U) up to the same constant, is dominated by the tokens p
+#   makes likely, while KL(U || p) = -log|V| - mean_j log p_j weighs every token of the vocabulary alike and so
+#   rewards pushing mass off the implausible tail; the paper finds it less prone to reward length-hacking
+#   (its Sec. 3, after Kang et al. 2025). Entropy is in ablations.py (neg_entropy) for comparison.
 def certainty_from(lse, mean_logit, vocab_size):
-    """Self-certainty (the paper's definition, Sec. 3) from two statistics of the logits z:
-    KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|; zero for a uniform distribution, positive otherwise.
-
-    The only definition: the sampler feeds it full logits, the streamed lm_head its running logsumexp."""
+    """Self-certainty from two statistics of the logits z: KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|;
+    zero for a uniform distribution, positive otherwise. The one definition: the sampler feeds it full logits,
+    the streamed lm_head (step 4) its running logsumexp."""
     return lse - mean_logit - math.log(vocab_size)
 
 
@@ -247,9 +255,34 @@ def self_certainty(logits):
 
 
 def entropy(logits):
-    """Token entropy H(p) = logsumexp(z) - sum_j p_j z_j (nats); its negative is the `neg_entropy` reward."""
+    """Token entropy H(p) = logsumexp(z) - sum_j p_j z_j (nats), logged beside self-certainty."""
     z = logits.float()
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+@dataclass
+class Rollout:
+    """One sampled completion and what the step learns about it; each field is filled by the stage named."""
+
+    # sample(): the completion, and per token what the sampler read off the raw (temperature-1) logits of the
+    # policy that sampled it (the token itself was drawn from logits / temperature after top-k and top-p)
+    prompt: list  # prompt token ids (unpadded)
+    completion: list  # sampled token ids, ending with a stop token unless truncated
+    self_certainty: float  # SC(o|q), the mean of token_certainty: the INTUITOR reward
+    entropy: float  # the mean of token_entropy
+    truncated: bool  # cut off by max_completion_length
+    # per generated token, CPU float32 tensors of len(completion)
+    token_certainty: torch.Tensor | None = None  # self-certainty of each position's next-token distribution
+    token_entropy: torch.Tensor | None = None  # entropy (nats) of the same distributions
+    token_logp: torch.Tensor | None = None  # log p(o_i | q, o_<i) of each sampled token, at temperature 1
+    # grade(): only when a reward or the accuracy monitor needs the final answer
+    answer: str | None = None  # extracted final answer
+    correct: bool = False  # answer equals the gold one
+    answer_tokens: tuple | None = None  # [start, end) of the final answer in `completion` (when a reward asks)
+    # reward_step(), --certainty_model reference only: SC(o|q) under the frozen initial model (paper Fig. 7)
+    self_certainty_ref: float | None = None
+    # the loop: group-normalised reward; a float, or a (len(completion),) tensor for token-level rewards
+    advantage: float | torch.Tensor = 0.0
 
 
 def sampling_logits(logits, temperature, top_k=0, top_p=1.0):
@@ -288,11 +321,11 @@ def left_pad(prompts, pad_id, width, device, free_columns=0):
     return ids, mask, positions(mask[:, :width])
 
 
-class RunningStats:
-    """What the sampler keeps of each decode step's logits (n sequences, at most C tokens each), per token:
+class PerTokenValues:
+    """What the sampler keeps of each decode step's logits, for n sequences of at most C tokens: per token,
     self-certainty, entropy and the sampled token's log-prob, all from the raw temperature-1 logits (the
     official code reads rewards there too; only the draw uses temperature, top-k and top-p). (n, C) floats,
-    never logits. The per-sequence sums are accumulated alongside, one decode step at a time."""
+    never logits; the per-sequence sums are accumulated alongside, one decode step at a time."""
 
     def __init__(self, n, max_new_tokens, device):
         self.token = {key: torch.zeros(n, max_new_tokens, device=device) for key in ("certainty", "entropy", "logp")}
@@ -303,8 +336,7 @@ class RunningStats:
         is not `alive` (the fixed-shape sampler keeps finished rows in the batch) adds nothing.
 
         A decode step holds one position per row, so its (rows, V) logits are small: self-certainty is read off
-        them directly. Scoring whole completions at once (reference_pass) is where a (tokens x V) tensor would
-        appear; there the streamed lm_head computes the same certainty_from without it."""
+        them directly."""
         certainty, token_entropy = self_certainty(logits), entropy(logits)
         logp = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1)
         if alive is not None:
@@ -317,7 +349,7 @@ class RunningStats:
         self.length[rows] += 1 if alive is None else alive
 
     def rollouts(self, prompts, num_generations, tokens, truncated):
-        """One Rollout per sequence: its per-token statistics and their means."""
+        """One Rollout per sequence: its per-token values and their means."""
         token = {key: values.cpu() for key, values in self.token.items()}
         out = []
         for k, n_tokens in enumerate(self.length.long().tolist()):
@@ -342,10 +374,11 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
     - The logits that pick token i are the ones that predict it, so SC(o|q) costs no extra pass.
     - Finished sequences leave the batch and the KV cache: no compute is spent on them.
     - temperature 0 = greedy. One Rollout per sequence, a prompt's G samples adjacent."""
-    device, kv = next(policy.parameters()).device, process.cache_argument(policy)  # transformers-version shim
+    device = next(policy.parameters()).device
+    cache_key = process.cache_argument(policy)  # the forward's name for the KV cache, which transformers renamed
     ids, mask, pos = left_pad(prompts, pad_id, max(map(len, prompts)), device)
     out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out[kv]
+    cache = out[cache_key]
     cache.batch_repeat_interleave(num_generations)
     logits = out.logits[:, -1].float().repeat_interleave(num_generations, 0)
     check_finite(logits)
@@ -355,10 +388,10 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
 
     n = logits.shape[0]
     rows = torch.arange(n, device=device)  # which sequence each row of the shrinking batch belongs to
-    stats, tokens = RunningStats(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
+    values, tokens = PerTokenValues(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
         next_token = choose_tokens(logits, temperature, top_k, top_p)
-        stats.add(t, logits, next_token, rows)
+        values.add(t, logits, next_token, rows)
         tokens[rows, t] = next_token
         done = torch.isin(next_token, stop)
         if done.all() or t == max_new_tokens - 1:
@@ -369,19 +402,19 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
             rows, next_token, mask, pos = rows[keep], next_token[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos + 1
-        inputs = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, kv: cache}
+        inputs = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, cache_key: cache}
         logits = policy(**inputs, use_cache=True).logits[:, -1].float()
 
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     truncated[rows[~done]] = True  # still running at the last step: cut off by max_new_tokens
-    return stats.rollouts(prompts, num_generations, tokens, truncated)
+    return values.rollouts(prompts, num_generations, tokens, truncated)
 
 
 def cut_at_stop(rollouts, tokenizer, stop):
     """Each completion whose text holds `stop` is cut after the token that completes it, as if that token were
     a stop token: not truncated, its per-token values and their means those of the tokens kept (the plain
-    prompt format's end of an answer, PLAIN_STOP). The text is decoded one token at a time, as in
-    answer_token_span, so that a character offset maps back to a token."""
+    prompt format's end of an answer, PLAIN_STOP). The text is decoded one token at a time, so that a
+    character offset maps back to a token."""
     for r in rollouts:
         pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in r.completion]
         at = "".join(pieces).find(stop)
@@ -397,101 +430,71 @@ def cut_at_stop(rollouts, tokenizer, stop):
 
 # ----------------------------------------------------------------------------- 2. rewards
 def grade(rollouts, golds, tokenizer, num_generations, answer_format="boxed", spans=False):
-    """Extract each completion's final answer and compare it with its prompt's gold one (harness/tasks.py);
-    with `spans`, also locate the answer's tokens (answer_token_span)."""
+    """Extract each completion's final answer and compare it with its prompt's gold one (intuitor_harness/tasks.py);
+    with `spans`, also locate the answer's tokens (tasks.answer_token_span)."""
     for k, r in enumerate(rollouts):
         r.answer = tasks.extract_answer(tokenizer.decode(r.completion, skip_special_tokens=True), answer_format)
         r.correct = tasks.is_correct(r.answer, golds[k // num_generations])
         if spans:
-            r.answer_tokens = answer_token_span(tokenizer, r.completion, answer_format)
+            r.answer_tokens = tasks.answer_token_span(tokenizer, r.completion, answer_format)
 
 
-def answer_token_span(tokenizer, completion, answer_format):
-    """[start, end) token indices of the completion's final answer (the last \\boxed{} content, or the last
-    number with answer_format "number"), or None. The text is decoded one token at a time so that character
-    offsets map back to tokens; a token counts when any of its characters falls inside the answer."""
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in completion]
-    span = tasks.answer_span("".join(pieces), answer_format)
-    if span is None:
-        return None
-    lengths = torch.tensor([len(p) for p in pieces])
-    ends = lengths.cumsum(0)  # each token's end offset in the text
-    starts = ends - lengths
-    inside = ((starts < span[1]) & (ends > span[0])).nonzero().squeeze(1)
-    return (inside[0].item(), inside[-1].item() + 1) if len(inside) else None
+@dataclass(frozen=True)
+class Reward:
+    """A --reward value: its function, and what it needs from the step (each property a refusal or a stage).
+
+    `fn(rollouts, num_generations, args)` returns one float per rollout, or with `advantages` set one tensor
+    of len(completion) floats per rollout (a token-level reward). `args` holds every flag, so a reward with a
+    hyperparameter reads it there (its flag declared in Args' variations group; docs/ablations.md)."""
+
+    fn: Callable
+    needs_gold: bool = False  # the dataset must have gold answers
+    needs_answers: bool = False  # reads r.answer / r.correct: grade() runs first
+    needs_answer_spans: bool = False  # reads r.answer_tokens
+    reads_policy_certainty: bool = False  # reads the sampler's per-token self-certainty, which
+    # --certainty_model reference does not replace: refused with it
+    advantages: Callable | None = None  # (values, num_generations, args) -> per-token advantages, for a
+    # token-level reward; None: ADVANTAGES[--scale_rewards] (one per rollout)
 
 
-# A reward is a function (rollouts, group size) -> one float per rollout, or one tensor of len(completion)
-# floats per rollout (a token-level reward: its advantages are token-level too, token_group_advantages).
-def online_self_certainty(rollouts, num_generations):
+def online_self_certainty(rollouts, num_generations, args):
     """INTUITOR: the policy's own self-certainty SC(o|q), kept by the sampler."""
     return [r.self_certainty for r in rollouts]
 
 
-def offline_self_certainty(rollouts, num_generations):
-    """Self-certainty scored by the frozen initial model (paper Fig. 7), from the reference pass."""
+def offline_self_certainty(rollouts, num_generations, args):
+    """Self-certainty scored by the frozen initial model (paper Fig. 7; --certainty_model reference)."""
     return [r.self_certainty_ref for r in rollouts]
 
 
-def neg_entropy(rollouts, num_generations):
-    """Minus the mean token entropy of the raw (temperature-1) distributions the completion was drawn from."""
-    return [-r.entropy for r in rollouts]
-
-
-def accuracy(rollouts, num_generations):
+def accuracy(rollouts, num_generations, args):
     """GRPO: 1 when the final answer matches the gold one."""
     return [float(r.correct) for r in rollouts]
 
 
-def plurality(rollouts, num_generations):
+def plurality(rollouts, num_generations, args):
     """GRPO-PV: 1 when the final answer matches the plurality answer of its group (no gold needed)."""
     groups = [rollouts[i : i + num_generations] for i in range(0, len(rollouts), num_generations)]
     return [vote for group in groups for vote in tasks.plurality_votes([r.answer for r in group])]
 
 
-def token_self_certainty(rollouts, num_generations):
-    """Token level: each token's own self-certainty, so each token gets its own advantage (a token-level
-    intrinsic reward, as the token-level entropy reward of EM-RL: Agarwal et al., "The Unreasonable
-    Effectiveness of Entropy Minimization in LLM Reasoning", arXiv 2505.15134)."""
-    return [r.token_certainty for r in rollouts]
-
-
-def mean_logprob(rollouts, num_generations):
-    """RLSC-style: the mean log-probability of the sampled tokens (Li et al., "Confidence is All You Need:
-    Few-Shot RL Fine-Tuning of Language Models", arXiv 2506.06395)."""
-    return [r.token_logp.mean().item() for r in rollouts]
-
-
-def answer_self_certainty(rollouts, num_generations):
-    """Self-certainty over the final answer's tokens only, the whole completion when it has no answer
-    (confidence where the answer is written, as RENT finds most telling: Prabhudesai et al., "Maximizing
-    Confidence Alone Improves Reasoning", arXiv 2505.22660)."""
-    spans = [r.answer_tokens or (0, len(r.completion)) for r in rollouts]
-    return [r.token_certainty[a:b].mean().item() for r, (a, b) in zip(rollouts, spans)]
-
-
-# Register a reward here to make it a --reward value.
+# The paper's rewards: INTUITOR's and its baselines'. ablations.py adds the literature's.
 REWARDS = {
-    "self_certainty": online_self_certainty,
-    "accuracy": accuracy,
-    "plurality": plurality,
-    "neg_entropy": neg_entropy,
-    "token_self_certainty": token_self_certainty,
-    "mean_logprob": mean_logprob,
-    "answer_self_certainty": answer_self_certainty,
+    "self_certainty": Reward(online_self_certainty),
+    "accuracy": Reward(accuracy, needs_gold=True, needs_answers=True),
+    "plurality": Reward(plurality, needs_answers=True),
 }
-NEEDS_ANSWERS = {"accuracy", "plurality", "answer_self_certainty"}  # grade() runs first
-NEEDS_ANSWER_SPANS = {"answer_self_certainty"}
-TOKEN_LEVEL = {"token_self_certainty"}  # rewards that return one value per token
 
 
 def parse_reward(spec):
-    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1; names must be in REWARDS."""
+    """'--reward a=1,b=0.5' -> {'a': 1.0, 'b': 0.5}; a bare name weighs 1; names must be in REWARDS, once each."""
     weights = {}
     for part in spec.split(","):
         name, _, weight = part.strip().partition("=")
         if name not in REWARDS:
             die(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+        if name in weights:
+            die(f"--reward: {name} is named twice; give each reward once, with its weight")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
@@ -503,15 +506,15 @@ def parse_reward(spec):
     return weights
 
 
-def compute_rewards(rollouts, names, num_generations, certainty_model="policy"):
-    """Every named reward of every rollout: a (B,) tensor, or for a token-level reward a list of B tensors
-    (one value per completion token); certainty_model 'reference' makes SC the offline one."""
-    offline = {"self_certainty": offline_self_certainty} if certainty_model == "reference" else {}
+def compute_rewards(rollouts, reward_names, num_generations, args):
+    """Each named reward of every rollout: a (B,) tensor, or for a token-level reward a list of B tensors (one
+    value per completion token). With --certainty_model reference, self_certainty is the offline one."""
     rewards = {}
-    for name in names:
-        values = offline.get(name, REWARDS[name])(rollouts, num_generations)
-        is_token_level = len(values) > 0 and torch.is_tensor(values[0])
-        rewards[name] = [v.float() for v in values] if is_token_level else torch.tensor(values, dtype=torch.float32)
+    for name in reward_names:
+        offline = name == "self_certainty" and args.certainty_model == "reference"
+        values = (offline_self_certainty if offline else REWARDS[name].fn)(rollouts, num_generations, args)
+        token_level = len(values) > 0 and torch.is_tensor(values[0])
+        rewards[name] = [v.float() for v in values] if token_level else torch.tensor(values, dtype=torch.float32)
     return rewards
 
 
@@ -520,180 +523,151 @@ def per_sequence(rewards):
     return {name: v if torch.is_tensor(v) else torch.stack([x.mean() for x in v]) for name, v in rewards.items()}
 
 
-# ----------------------------------------------------------------------------- 3. advantages and loss
-def group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
-    """GRPO advantages (the paper's, from DeepSeekMath's GRPO): A_i = (r_i - mean(r_group)) / (std + eps).
+# ----------------------------------------------------------------------------- 3. advantages
+def zero_equal_groups(rewards, advantages):
+    """A group whose rewards are all equal gets exactly A = 0 (float rounding of its mean is not allowed to push
+    identical completions anywhere); rewards and advantages are (groups, G)."""
+    equal = rewards.amax(1, keepdim=True) == rewards.amin(1, keepdim=True)
+    return torch.where(equal, 0.0, advantages)
 
-    - std is the unbiased sample std of the group (`group`, the paper's and TRL's default), of every reward of
-      the step on all ranks (`batch`), or not used at all (`none`: A_i = r_i - mean(r_group), Dr. GRPO: Liu et
-      al., "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783);
-    - a group of equal rewards gets exactly A = 0, never NaN."""
+
+def group_advantages(rewards, num_generations, args=None, eps=1e-4):
+    """GRPO's advantage (DeepSeekMath), the paper's: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the
+    unbiased sample std of the group's G rewards (TRL's default too); equal rewards give A = 0, never NaN."""
     r = rewards.view(-1, num_generations)
-    centred = r - r.mean(1, keepdim=True)
-    if scale == "group":
-        advantages = centred / (r.std(1, keepdim=True) + eps)
-    elif scale == "batch":
-        advantages = centred / (global_std(rewards) + eps)
-    else:
-        advantages = centred
-    equal = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)  # exactly 0: float rounding of the mean is not
-    return torch.where(equal, 0.0, advantages).view(-1)  # allowed to push identical completions anywhere
+    advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    return zero_equal_groups(r, advantages).view(-1)
 
 
-def token_group_advantages(rewards, num_generations, eps=1e-4, scale="group"):
-    """Token-level advantages from token-level rewards (a list of per-completion tensors): the rule of
-    group_advantages with a group's tokens in place of its completions,
-
-        A_{i,t} = (r_{i,t} - mean over the group's tokens) / (std over the group's tokens + eps),
-
-    `batch` dividing by the std over every token of the step (all ranks), `none` by nothing; a group whose
-    tokens all have the same reward gets A = 0. Returns a list of tensors shaped like `rewards`."""
-    out = []
-    batch_std = global_std(torch.cat(rewards)) if scale == "batch" else None
-    for g in range(0, len(rewards), num_generations):
-        group = rewards[g : g + num_generations]
-        tokens = torch.cat(group)
-        mean, equal = tokens.mean(), bool(tokens.amax() == tokens.amin())
-        divisor = tokens.std() + eps if scale == "group" else batch_std + eps if scale == "batch" else 1.0
-        out += [torch.zeros_like(r) if equal else (r - mean) / divisor for r in group]
-    return out
+# --scale_rewards: how a sequence-level reward becomes advantages, (B,) rewards -> (B,) advantages.
+ADVANTAGES = {"group": group_advantages}
 
 
-def global_std(values):
-    """Unbiased std of `values` over all ranks (float64 sums, so the cancellation stays small)."""
-    v = values.double()
-    n, total, squares = (global_sum(x).item() for x in (v.numel(), v.sum(), (v * v).sum()))
-    return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1))
+def weighted_advantages(rewards, weights, num_generations, args):
+    """Step 3 for --reward: A = sum_k w_k A_k, each reward's own advantages weighted (for the paper's single
+    reward of weight 1, its group advantages). A weight keeps its meaning (0.5 = half the push; weight 0 logs
+    a reward without training on it; -1 minimises it). One float per rollout, or per token when a reward is
+    token-level (a rollout's sequence-level advantage then applies to each of its tokens)."""
+    parts = []
+    for name, w in weights.items():
+        advantages = REWARDS[name].advantages or ADVANTAGES[args.scale_rewards]
+        a = advantages(rewards[name], num_generations, args)
+        parts.append((w, a.tolist() if torch.is_tensor(a) else a))
+    return [sum(w * a[k] for w, a in parts) for k in range(len(parts[0][1]))]
 
 
-def mixed_advantages(rewards, weights, num_generations, mixing="separate", scale="group"):
-    """Advantages of one reward, or of a weighted mix of several: a (B,) tensor, or a list of per-token tensors
-    when a reward is token-level (a sequence-level advantage then applies to each of its tokens).
-
-    - `separate` (default): each reward normalised within its group, then weighted and summed. A weight keeps
-      its meaning (0.5 = half the push), and weight 0 logs a reward without training on it.
-    - `official`: the official INTUITOR trainer's rule, for sequence-level rewards. The weighted sum of the
-      rewards other than self-certainty is normalised once, and self-certainty, normalised on its own, is added
-      at its weight (1 in the official code). With one such reward its weight cancels in the normalisation."""
-
-    def normalised(r):
-        if torch.is_tensor(r):
-            return group_advantages(r, num_generations, scale=scale)
-        return token_group_advantages(r, num_generations, scale=scale)
-
-    if mixing == "separate":
-        parts = [(w, normalised(rewards[name])) for name, w in weights.items()]
-        if all(torch.is_tensor(a) for _, a in parts):
-            return sum(w * a for w, a in parts)
-        lengths = [len(x) for x in next(a for _, a in parts if not torch.is_tensor(a))]
-
-        def per_token(a):  # a sequence-level advantage, repeated over its completion's tokens
-            return a if not torch.is_tensor(a) else [a[k].expand(n) for k, n in enumerate(lengths)]
-
-        return [sum(w * per_token(a)[k] for w, a in parts) for k in range(len(lengths))]
-    others = [w * rewards[name] for name, w in weights.items() if name != "self_certainty"]
-    advantages = normalised(sum(others)) if others else 0.0
-    if "self_certainty" in weights:
-        advantages = advantages + weights["self_certainty"] * normalised(rewards["self_certainty"])
-    return advantages
+# --reward_mixing: how several rewards make one advantage; "separate" (default) is weighted_advantages.
+REWARD_MIXINGS = {"separate": weighted_advantages}
 
 
-# KL(pi || pi_ref) per token from samples of pi, r = log pi_ref - log pi (Schulman, "Approximating KL
-# Divergence", 2020, joschu.net/blog/kl-approx.html). All three are 0 where pi = pi_ref, but only k2 and k3
-# have a zero gradient there: k1's gradient is grad log pi, which pushes even at KL 0.
-def kl_k1(logp, ref_logp):
-    """k1 = -r: unbiased, can be negative."""
-    return logp - ref_logp
+# ----------------------------------------------------------------------------- 4. the loss and the update
+# The loss needs log pi(o_i | q, o_<i) of every completion token under the policy being trained (with gradient),
+# under pi_old when rollouts are reused (num_iterations > 1), and under the frozen pi_ref for the KL.
+def completion_logprobs(h, weight, targets, temperature):
+    """The definition: log softmax(h W^T / T)[target], for hidden states h (N, H) (position i-1's scores token
+    i), the lm_head weight W (V, H) and the target tokens (N,). Holds an (N x V) logits tensor: the streamed
+    version below computes the same numbers without it, and is what runs."""
+    return torch.log_softmax((h @ weight.T).float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
 
 
-def kl_k2(logp, ref_logp):
-    """k2 = r^2 / 2: biased, >= 0, low variance."""
-    return 0.5 * (ref_logp - logp) ** 2
+# Streamed: for a 3k-token completion and a 150k vocabulary, (N x V) would be 1.7 GB in fp32 per sequence.
+# Below, the same log-probs one (token chunk x vocabulary slice) tile at a time, forward and backward, with
+# one online-logsumexp rule: lse <- logaddexp(lse, logsumexp(tile)); a running sum of e^(z - lse) terms is
+# rescaled by e^(old lse - new lse) whenever lse grows. Offline self-certainty (--certainty_model reference)
+# reads its two statistics off the same tiles.
+def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=None):
+    """One token chunk through the lm_head, one vocabulary slice at a time (a few numbers per token): the target
+    log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean row of the lm_head weight), also
+    self-certainty and entropy at temperature 1, from mean_j z_j = h . w̄ and sum_j p_j z_j."""
+    n, V = h.shape[0], weight.shape[0]
+    lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
+    target = torch.zeros(n, device=h.device)
+    # temperature 1: logsumexp of z so far, and the sums of e^(z_j - lse1) and of e^(z_j - lse1) z_j, whose
+    # ratio is E_p[z] (a ratio, so lse1's rounding cancels); float64, as they are rescaled at every slice
+    lse1 = torch.full((n,), -math.inf, device=h.device, dtype=torch.float64)
+    p_1, p_z = (torch.zeros(n, device=h.device, dtype=torch.float64) for _ in range(2))
+    for v0 in range(0, V, vocab_chunk):
+        z = (h @ weight[v0 : v0 + vocab_chunk].T).float()
+        z_t = z / temperature if temperature != 1 else z
+        lse = torch.logaddexp(lse, torch.logsumexp(z_t, -1))
+        in_this_slice = (targets >= v0) & (targets < v0 + z.shape[1])
+        column = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
+        target += torch.where(in_this_slice, z_t.gather(1, column).squeeze(1), 0.0)
+        if mean_row is not None:
+            new_lse1 = torch.logaddexp(lse1, torch.logsumexp(z, -1).double())
+            e, rescale = torch.exp(z - new_lse1[:, None].float()), torch.exp(lse1 - new_lse1)
+            p_1, p_z = p_1 * rescale + e.sum(-1).double(), p_z * rescale + (e * z).sum(-1).double()
+            lse1 = new_lse1
+    stats = {"logp": target - lse, "lse": lse}
+    if mean_row is not None:
+        stats["self_certainty"] = certainty_from(lse1.float(), h.float() @ mean_row, V)
+        stats["entropy"] = (lse1 - p_z / p_1).float()
+    return stats
 
 
-def kl_k3(logp, ref_logp):
-    """k3 = exp(r) - r - 1: unbiased, >= 0 (the paper's, GRPO's and TRL's)."""
-    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+@torch.no_grad()
+def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096,
+                         with_certainty=True):  # fmt: skip
+    """completion_logprobs without gradient, streamed, and with_certainty also self-certainty and entropy at
+    temperature 1 (the same certainty_from as the sampler's); memory O(chunk_size x vocab_chunk)."""
+    mean_row = None
+    if with_certainty:
+        row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
+        mean_row = row_sum / weight.shape[0]
+    chunks = zip(h.split(chunk_size), targets.split(chunk_size))
+    per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
+    keys = ("logp", "self_certainty", "entropy") if with_certainty else ("logp",)
+    return {key: torch.cat([s[key] for s in per_chunk]) for key in keys}
 
 
-KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+class StreamedLogProbs(torch.autograd.Function):
+    """completion_logprobs with gradient, streamed: a backward that recomputes each (token chunk x vocab slice)
+    tile. d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and into a weight
+    gradient; one tile of logits at most, in both directions.
+
+    - Replicated weights (one process, DDP; `into_weight_grad`): the tiles go straight into the fp32 parameter's
+      .grad and autograd gets a stride-0 zero, so for an untied head no second full-size weight gradient exists
+      (DDP's hooks still fire through autograd). A head tied to the input embedding (Qwen2.5 up to 3B, SmolLM2)
+      still gets the embedding's dense V x H gradient from autograd, which joins the streamed one in .grad.
+    - Sharded weights (FSDP2): the weight is the unsharded copy FSDP lends the module for this pass, and its
+      gradient must go back through autograd for FSDP to reduce-scatter it: one V x H fp32 tensor, returned."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk, into_weight_grad=True):
+        chunks = zip(h.split(chunk_size), targets.split(chunk_size))
+        per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
+        ctx.save_for_backward(h, weight, targets, torch.cat([s["lse"] for s in per_chunk]))
+        ctx.head_settings, ctx.into_weight_grad = (temperature, chunk_size, vocab_chunk), into_weight_grad
+        # backward recomputes the logits under the forward's autocast state, or p = exp(z - lse) drifts; under
+        # bf16 autocast its gradient matmuls run in bf16 too, accumulated into fp32 grad_h and W.grad
+        ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
+        return torch.cat([s["logp"] for s in per_chunk])
+
+    @staticmethod
+    def backward(ctx, grad):
+        device_type, enabled, dtype = ctx.amp
+        h, weight, targets, lse = ctx.saved_tensors
+        temperature, chunk_size, vocab_chunk = ctx.head_settings
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        into_grad = ctx.into_weight_grad and weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
+        if into_grad and weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad_w = weight.grad if into_grad else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward did
+            for i in range(0, h.shape[0], chunk_size):
+                hc, tc = h[i : i + chunk_size], targets[i : i + chunk_size]
+                g = grad[i : i + chunk_size].float() / temperature
+                for v0 in range(0, weight.shape[0], vocab_chunk):
+                    w = weight[v0 : v0 + vocab_chunk]
+                    dz = -torch.exp((hc @ w.T).float() / temperature - lse[i : i + chunk_size, None]) * g[:, None]
+                    in_slice = (tc >= v0) & (tc < v0 + w.shape[0])
+                    dz[in_slice, tc[in_slice] - v0] += g[in_slice]
+                    grad_h[i : i + chunk_size] += dz @ w.float()
+                    grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
+        grad_w = weight.new_zeros(()).expand(weight.shape) if into_grad else grad_w.to(weight.dtype)
+        return grad_h.to(h.dtype), grad_w, None, None, None, None, None
 
 
-def per_token_loss(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high, kl_estimator="k3"):
-    """The GRPO objective the paper minimises, per token (the PPO clipped surrogate with a KL penalty):
-
-        -[min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) - beta KL],  rho = pi / pi_old,
-
-    KL(pi || pi_ref) by KL_ESTIMATORS[kl_estimator]. `advantages` are (B,) (one per sequence) or (B, C) (one
-    per token). Returns the loss, the KL and where clipping binds (zero gradient there), all (B, C)."""
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon_high) * adv)
-    kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if beta else torch.zeros_like(logp)
-    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    return -(surrogate - beta * kl), kl, clipped
-
-
-class Normalisers(NamedTuple):
-    """The step's totals over all ranks and micro-batches: dividing by them makes the summed gradient
-    independent of how the step is split."""
-
-    tokens: int  # completion tokens in the loss
-    sequences: int  # completions in the loss
-    max_completion_length: int  # --max_completion_length (Dr. GRPO's constant)
-
-
-def token_mean(loss, mask, n):
-    """`token`: sum over the tokens / all tokens of the step (DAPO's token-level average: Yu et al., "DAPO: An
-    Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476; TRL's `dapo`)."""
-    return loss.sum() / n.tokens
-
-
-def sequence_mean(loss, mask, n):
-    """`grpo`: each sequence's mean over its tokens, summed / all sequences of the step (GRPO's original)."""
-    return (loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / n.sequences
-
-
-def constant_mean(loss, mask, n):
-    """`dr_grpo`: sum over the tokens / (max_completion_length x all sequences of the step), a constant that
-    no completion's length changes (Dr. GRPO, arXiv 2503.20783)."""
-    return loss.sum() / (n.max_completion_length * n.sequences)
-
-
-LOSS_AGGREGATIONS = {"token": token_mean, "grpo": sequence_mean, "dr_grpo": constant_mean}
-TRL_LOSS_NAMES = {"dapo": "token"}  # TRL's name for the same aggregation, accepted by --loss_type
-
-
-def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences, max_completion_length=1):
-    """This micro-batch's share of the step's loss: LOSS_AGGREGATIONS[loss_type] of the masked per-token loss."""
-    n = Normalisers(total_tokens, total_sequences, max_completion_length)
-    return LOSS_AGGREGATIONS[loss_type](loss * completion_mask, completion_mask, n)
-
-
-def check_names(args, reward_weights):
-    """Flag values that name a registry entry, and combinations that cannot run: one error line each, before
-    any model loads. TRL's `dapo` becomes `token`."""
-    args.loss_type = TRL_LOSS_NAMES.get(args.loss_type, args.loss_type)
-    for flag, registry in (("loss_type", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
-        if getattr(args, flag) not in registry:
-            names = ", ".join(list(registry) + (list(TRL_LOSS_NAMES) if flag == "loss_type" else []))
-            die(f"--{flag}: unknown name {getattr(args, flag)!r}; choose from {names}")
-    token_level = TOKEN_LEVEL & reward_weights.keys()
-    if token_level and args.reward_mixing == "official":
-        die(f"--reward_mixing official mixes sequence-level rewards only; {', '.join(sorted(token_level))} is "
-            "token-level: use --reward_mixing separate")  # fmt: skip
-    policy_only = {"token_self_certainty", "answer_self_certainty"} & reward_weights.keys()
-    if policy_only and args.certainty_model == "reference":
-        die(f"--certainty_model reference replaces the self_certainty reward only; {', '.join(sorted(policy_only))} "
-            "reads the sampler's per-token values: use --certainty_model policy")  # fmt: skip
-
-
-def global_sum(x):
-    """x summed over all ranks (the loss normalisers count every rank's tokens); x itself in one process."""
-    return process.all_reduce(x)
-
-
-# ----------------------------------------------------------------------------- 4. the update
 class Batch(NamedTuple):
     """Rollouts as tensors: left-padded prompts followed by right-padded completions, so the
     prompt/completion boundary is one column, n_prompt, for the whole batch."""
@@ -724,14 +698,13 @@ def micro_batches(rollouts, size, pad_id, device):
 
 
 class CompletionLogProbs(torch.nn.Module):
-    """Wraps a causal LM so that forward(*Batch) returns, per completion token (B, C), a dict: `logp`, its
-    log-prob at `temperature` (with gradient when grad is enabled), and with with_certainty (no grad) also
-    `self_certainty` and `entropy` at temperature 1.
+    """A causal LM whose forward(*Batch) returns, per completion token (B, C), a dict: `logp`, its log-prob at
+    `temperature` (completion_logprobs, streamed; with gradient when grad is enabled), and with with_certainty
+    (no grad) also `self_certainty` and `entropy` at temperature 1.
 
-    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is
-    scored from column n_prompt + i - 1. The lm_head runs streamed (appendix): one (token chunk x vocabulary
-    slice) tile of logits at a time, never (tokens x |V|). DDP wraps this module and FSDP2 shards it (its own
-    parameters, the embedding, final norm and lm_head, form the root unit), so their hooks see that head."""
+    The hidden state at position i-1 predicts token i, so completion token i (column n_prompt + i) is scored
+    from column n_prompt + i - 1. DDP wraps this module and FSDP2 shards it (its own parameters, the
+    embedding, final norm and lm_head, form the root unit), so their hooks see the streamed head."""
 
     def __init__(self, lm, temperature, chunk_size, vocab_chunk, sharded=False):
         super().__init__()
@@ -744,52 +717,87 @@ class CompletionLogProbs(torch.nn.Module):
         h = out.last_hidden_state[:, n_prompt - 1 : -1][completion_mask]
         targets = ids[:, n_prompt:][completion_mask]
         weight = self.lm.get_output_embeddings().weight
-        tiles = (self.temperature, self.chunk_size, self.vocab_chunk)
+        head_settings = (self.temperature, self.chunk_size, self.vocab_chunk)
 
         def scatter(values):  # (tokens,) -> (B, C), zeros on padding
             zeros = torch.zeros(completion_mask.shape, device=values.device)
             return zeros.masked_scatter(completion_mask, values.float())
 
         if torch.is_grad_enabled():
-            return {"logp": scatter(StreamedLogProbs.apply(h, weight, targets, *tiles, not self.sharded))}
-        stats = streamed_token_stats(h, weight, targets, *tiles, with_certainty=with_certainty)
+            return {"logp": scatter(StreamedLogProbs.apply(h, weight, targets, *head_settings, not self.sharded))}
+        stats = streamed_token_stats(h, weight, targets, *head_settings, with_certainty=with_certainty)
         return {key: scatter(v) for key, v in stats.items()}
 
 
-@torch.no_grad()
-def reference_pass(ref_scorer, rollouts, micro_batch_size, pad_id, autocast=nullcontext, with_certainty=False):
-    """One forward of the frozen initial model over the rollouts: per-token log-probs for the KL term and,
-    with_certainty, from the same streamed pass, offline self-certainty (paper Fig. 7). Stored on each rollout."""
-    device = next(ref_scorer.parameters()).device
-    for chunk, batch in micro_batches(rollouts, micro_batch_size, pad_id, device):
-        with autocast():
-            stats = ref_scorer(*batch, with_certainty=with_certainty)
-        for k, r in enumerate(chunk):
-            n = len(r.completion)
-            r.ref_logp = stats["logp"][k, :n]
-            if with_certainty:
-                r.self_certainty_ref = stats["self_certainty"][k, :n].mean().item()
+# KL(pi || pi_ref) per token from samples of pi, r = log pi_ref - log pi (Schulman, "Approximating KL
+# Divergence", 2020, joschu.net/blog/kl-approx.html).
+def kl_k3(logp, ref_logp):
+    """k3 = exp(r) - r - 1: unbiased, >= 0, zero gradient where pi = pi_ref (the paper's, GRPO's and TRL's)."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
-@dataclass(frozen=True, kw_only=True)
-class UpdateConfig:
-    """The hyperparameters of one update (the loss's beta, clip range, KL estimator and aggregation, and how
-    it is run); defaults are Args' own, and setup() takes every field from the flags (from_args)."""
+KL_ESTIMATORS = {"k3": kl_k3}  # --kl_estimator: (logp, ref_logp) -> per-token KL
 
-    beta: float = Args.beta
-    kl_estimator: str = Args.kl_estimator
-    epsilon: float = Args.epsilon
-    epsilon_high: float = Args.epsilon_high
-    loss_type: str = Args.loss_type
-    max_completion_length: int = Args.max_completion_length  # the dr_grpo normaliser
-    micro_batch_size: int = Args.micro_batch_size
-    num_iterations: int = Args.num_iterations  # mu: optimizer steps on the same rollouts
-    max_grad_norm: float = Args.max_grad_norm
-    mask_truncated_completions: bool = Args.mask_truncated_completions
 
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+def token_ratio(logp, old_logp, completion_mask, args):
+    """The paper's importance ratio, per token: rho_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t), and its clip
+    range [1 - epsilon, 1 + epsilon_high]."""
+    return torch.exp(logp - old_logp), args.epsilon, args.epsilon_high
+
+
+# --importance_sampling_level: (logp, old_logp, completion_mask, args) -> (ratio, epsilon, epsilon_high), the
+# ratio (B, C), or (B, 1) for one ratio per sequence.
+IMPORTANCE_RATIOS = {"token": token_ratio}
+
+
+def per_token_loss(ratio, advantages, kl, beta, epsilon, epsilon_high):
+    """The GRPO objective the paper minimises, per token (the PPO clipped surrogate with a KL penalty):
+
+        -[min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) - beta KL],
+
+    for ratios rho (B, C) or (B, 1), advantages (B,) (one per sequence) or (B, C) (one per token) and the KL
+    (B, C). Returns the loss and where clipping binds (zero gradient there), both (B, C)."""
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon_high) * adv)
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    loss = -(surrogate - beta * kl)
+    return loss, clipped.expand(loss.shape)
+
+
+class Normalisers(NamedTuple):
+    """The step's totals over all ranks and micro-batches: dividing by them makes the summed gradient
+    independent of how the step is split."""
+
+    tokens: int  # completion tokens in the loss
+    sequences: int  # completions in the loss
+    max_completion_length: int  # --max_completion_length (Dr. GRPO's constant)
+
+
+def token_mean(loss, mask, n):
+    """`token`: sum over the tokens / all tokens of the step (DAPO's token-level average: Yu et al., "DAPO: An
+    Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476; TRL's `dapo`)."""
+    return loss.sum() / n.tokens
+
+
+def sequence_mean(loss, mask, n):
+    """`grpo`: each sequence's mean over its tokens, summed / all sequences of the step (GRPO's original)."""
+    return (loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / n.sequences
+
+
+# --loss_type: (masked per-token loss, mask, Normalisers) -> this micro-batch's share of the step's loss
+LOSS_AGGREGATIONS = {"token": token_mean, "grpo": sequence_mean}
+TRL_LOSS_NAMES = {"dapo": "token"}  # TRL's name for the same aggregation, accepted by --loss_type
+
+
+def aggregate_loss(loss, completion_mask, loss_type, total_tokens, total_sequences, max_completion_length=1):
+    """This micro-batch's share of the step's loss: LOSS_AGGREGATIONS[loss_type] of the masked per-token loss."""
+    n = Normalisers(total_tokens, total_sequences, max_completion_length)
+    return LOSS_AGGREGATIONS[loss_type](loss * completion_mask, completion_mask, n)
+
+
+def global_sum(x):
+    """x summed over all ranks (the loss normalisers count every rank's tokens); x itself in one process."""
+    return process.all_reduce(x)
 
 
 def make_optimizer(policy, args, total_steps, state=None):
@@ -815,52 +823,53 @@ def batch_advantages(chunk, device):
     return torch.stack([torch.nn.functional.pad(a.float(), (0, length - len(a))) for a in rows]).to(device)
 
 
-def optimize(policy_scorer, optimizer, scheduler, rollouts, pad_id, config, autocast=nullcontext):
-    """Minimise the loss over one batch of rollouts (advantages set; ref_logp too when beta > 0).
+def optimize(policy_scorer, ref_scorer, optimizer, scheduler, rollouts, pad_id, args, autocast=nullcontext):
+    """Minimise the loss over one batch of rollouts (advantages set): num_iterations optimizer steps, each
+    accumulating gradients over micro-batches of args.micro_batch_size.
 
-    - num_iterations optimizer steps, each accumulating gradients over micro-batches;
-    - `policy_scorer` is a CompletionLogProbs, possibly DDP-wrapped;
+    - `policy_scorer` is the policy as a CompletionLogProbs, possibly DDP-wrapped or FSDP2-sharded;
+      `ref_scorer` the frozen initial model's (None when beta is 0): one pass before the first update gives
+      pi_ref's log-probs for the KL;
     - an optimizer step whose gradient norm is not finite is skipped (and counted).
     Returns the step's metrics, each averaged over the num_iterations passes (skipped_updates: counted)."""
-    c = config
     scorer = getattr(policy_scorer, "module", policy_scorer)  # the unwrapped module, for no-grad passes
     device = next(scorer.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    batches = micro_batches(rollouts, c.micro_batch_size, pad_id, device)
+    batches = micro_batches(rollouts, args.micro_batch_size, pad_id, device)
     advantages = [batch_advantages(chunk, device) for chunk, _ in batches]
-    in_loss = [torch.tensor([not (c.mask_truncated_completions and r.truncated) for r in chunk], device=device)
+    in_loss = [torch.tensor([not (args.mask_truncated_completions and r.truncated) for r in chunk], device=device)
                for chunk, _ in batches]  # fmt: skip
-    kept = [r for r in rollouts if not (c.mask_truncated_completions and r.truncated)]
+    kept = [r for r in rollouts if not (args.mask_truncated_completions and r.truncated)]
     total_tokens = max(global_sum(sum(len(r.completion) for r in kept)).item(), 1)
     total_sequences = max(global_sum(len(kept)).item(), 1)
 
-    # When rollouts are reused (mu > 1), rho needs the sampling policy's log-probs, frozen before the first
-    # update; with mu = 1, pi_old = pi exactly and rho = exp(logp - logp.detach()) = 1 with the right gradient.
+    # log pi_ref for the KL; and when rollouts are reused (mu > 1), log pi_old, frozen before the first update
+    # (with mu = 1, pi_old = pi exactly: rho = exp(logp - logp.detach()) = 1 with the right gradient)
     with torch.no_grad(), autocast():
-        old_logps = [scorer(*batch)["logp"] if c.num_iterations > 1 else None for _, batch in batches]
-    pad = torch.nn.utils.rnn.pad_sequence
-    ref_logps = [pad([r.ref_logp for r in chunk], batch_first=True).to(device) if c.beta else None
-                 for chunk, _ in batches]  # fmt: skip
+        ref_logps = [ref_scorer(*batch)["logp"] if args.beta else None for _, batch in batches]
+        old_logps = [scorer(*batch)["logp"] if args.num_iterations > 1 else None for _, batch in batches]
 
     metrics = dict(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_updates=0)
-    for _ in range(c.num_iterations):
+    for _ in range(args.num_iterations):
         for j, (_, batch) in enumerate(batches):
             with reduce_gradients(policy_scorer, j == len(batches) - 1), autocast():
                 logp = policy_scorer(*batch)["logp"]
                 old_logp = old_logps[j] if old_logps[j] is not None else logp.detach()
-                ref_logp = ref_logps[j] if ref_logps[j] is not None else logp.detach()
-                losses, kl, clipped = per_token_loss(
-                    logp, old_logp, ref_logp, advantages[j], c.beta, c.epsilon, c.epsilon_high, c.kl_estimator
-                )
                 mask = batch.completion_mask & in_loss[j][:, None]
-                loss = aggregate_loss(losses, mask, c.loss_type, total_tokens, total_sequences, c.max_completion_length)
+                ratio, epsilon, epsilon_high = IMPORTANCE_RATIOS[args.importance_sampling_level](
+                    logp, old_logp, mask, args
+                )
+                kl = KL_ESTIMATORS[args.kl_estimator](logp, ref_logps[j]) if args.beta else torch.zeros_like(logp)
+                losses, clipped = per_token_loss(ratio, advantages[j], kl, args.beta, epsilon, epsilon_high)
+                loss = aggregate_loss(losses, mask, args.loss_type, total_tokens, total_sequences,
+                                      args.max_completion_length)  # fmt: skip
                 # DDP averages gradients over ranks; the normaliser is already global, so undo the average.
                 (loss * world_size).backward()
-            metrics["loss"] += loss.item() / c.num_iterations
-            metrics["kl"] += (kl * mask).sum().item() / total_tokens / c.num_iterations
-            metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / c.num_iterations
-        grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), c.max_grad_norm).item()
-        metrics["grad_norm"] += grad_norm / c.num_iterations
+            metrics["loss"] += loss.item() / args.num_iterations
+            metrics["kl"] += (kl * mask).sum().item() / total_tokens / args.num_iterations
+            metrics["clip_frac"] += (clipped & mask).sum().item() / total_tokens / args.num_iterations
+        grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), args.max_grad_norm).item()
+        metrics["grad_norm"] += grad_norm / args.num_iterations
         if math.isfinite(grad_norm):  # the same on every rank: gradients are already all-reduced
             optimizer.step()
         else:  # a NaN/inf loss or gradient never reaches the weights
@@ -895,8 +904,8 @@ def step_prompts(prompts, step, prompts_per_step, rank, world_size, seed):
 
 
 def seed_step(seed, step, rank):
-    """Every (step, rank) gets its own stream: ranks sample differently, and a resumed run samples as an
-    uninterrupted one would."""
+    """Every (step, rank) gets its own stream: a resumed run samples what an uninterrupted one would. The rank
+    is part of the seed, so ranks sample differently: a run on 8 GPUs draws other rollouts than on 1."""
     s = (seed * 1_000_003 + step * 1009 + rank) % 2**63
     random.seed(s)
     torch.manual_seed(s)
@@ -904,13 +913,16 @@ def seed_step(seed, step, rank):
 
 @dataclass(kw_only=True)
 class Run:
-    """What the loop needs, built once by setup()."""
+    """What the loop needs, built once by setup() (below the loop). One set of trained weights has three handles:
+    `policy` (the transformers model: sampled from, put in train/eval mode, saved), `policy_scorer` (the same
+    weights behind a CompletionLogProbs, the module DDP wraps or FSDP2 shards, which the update differentiates)
+    and `sampling_policy` (`policy` itself, or a bf16 copy refreshed after every update on GPU)."""
 
     args: "Args"
-    rt: process.Runtime  # rank, world size, device, autocast
-    policy: torch.nn.Module  # the transformers causal LM being trained: sampled from, updated, saved
-    sampling_policy: torch.nn.Module  # the policy itself, or its bf16 copy (--sampling_weights bf16)
-    policy_scorer: torch.nn.Module  # the policy's weights as a CompletionLogProbs; DDP-wrapped or FSDP2-sharded
+    runtime: process.Runtime  # rank, world size, device, autocast
+    policy: torch.nn.Module  # the transformers causal LM being trained
+    sampling_policy: torch.nn.Module  # what step 1 samples from: policy, or its bf16 copy (--sampling_weights bf16)
+    policy_scorer: torch.nn.Module  # policy's weights as a CompletionLogProbs; DDP-wrapped or FSDP2-sharded
     ref_scorer: torch.nn.Module | None  # the frozen initial model as a CompletionLogProbs (KL, offline SC)
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -921,7 +933,7 @@ class Run:
     answer_format: str  # how final answers are read: "boxed" or "number"
     grade_answers: bool  # a reward or the accuracy monitor needs the final answers
     start_step: int
-    max_steps: int
+    max_steps: int  # rollout steps (each num_iterations optimizer steps)
     run_dir: runs.RunDirectory
     watcher: watch.Watcher
     inputs: dict  # fingerprints of the model and dataset files (runs.input_fingerprints)
@@ -930,50 +942,61 @@ class Run:
 
 def sample_step(run, prompts):
     """1. G completions per prompt from the current policy, generation_batch_size sequences at a time."""
-    a, pad_id = run.args, run.tokenizer.pad_token_id
-    sampler = sample_static if a.sampler == "static" else sample  # the same Rollouts either way
-    prompts_per_call = a.generation_batch_size // a.num_generations or len(prompts)
+    args, pad_id = run.args, run.tokenizer.pad_token_id
+    sampler = sample_static if args.sampler == "static" else sample  # the same Rollouts either way
+    prompts_per_call = args.generation_batch_size // args.num_generations or len(prompts)
     rollouts = []
     run.policy.eval()
     # FSDP2 without a sampling copy: full weights for the phase, so that ranks decode independently
     with process.unsharded(run.policy_scorer) if run.sampling_policy is run.policy else nullcontext():
         for i in range(0, len(prompts), prompts_per_call):
             ids = [p.ids for p in prompts[i : i + prompts_per_call]]
-            with run.rt.autocast():
-                rollouts += sampler(run.sampling_policy, ids, a.num_generations, a.max_completion_length,
-                                    a.temperature, run.stop_ids, pad_id, a.top_k, a.top_p)  # fmt: skip
-    if a.prompt_format == "plain":  # the model's chat template is not used: an answer ends at PLAIN_STOP too
+            with run.runtime.autocast():
+                rollouts += sampler(run.sampling_policy, ids, args.num_generations, args.max_completion_length,
+                                    args.temperature, run.stop_ids, pad_id, args.top_k, args.top_p)  # fmt: skip
+    if args.prompt_format == "plain":  # no chat template to end the turn: an answer also ends at PLAIN_STOP
         cut_at_stop(rollouts, run.tokenizer, PLAIN_STOP)
     return rollouts
 
 
+@torch.no_grad()
+def reference_certainty(ref_scorer, rollouts, micro_batch_size, pad_id, autocast=nullcontext):
+    """--certainty_model reference: each rollout's SC(o|q) under the frozen initial model (paper Fig. 7), from
+    one streamed pass (the sampler's values are the policy's); stored as self_certainty_ref."""
+    device = next(ref_scorer.parameters()).device
+    for chunk, batch in micro_batches(rollouts, micro_batch_size, pad_id, device):
+        with autocast():
+            stats = ref_scorer(*batch, with_certainty=True)
+        for k, r in enumerate(chunk):
+            r.self_certainty_ref = stats["self_certainty"][k, : len(r.completion)].mean().item()
+
+
 def reward_step(run, rollouts, prompts):
     """2. Every reward of --reward. Final answers are graded only when a reward or the accuracy monitor needs
-    them; the frozen initial model scores the rollouts for the KL term (and for offline self-certainty)."""
-    a, G = run.args, run.args.num_generations
+    them (the answer spans only when a reward reads them)."""
+    args = run.args
     if run.grade_answers:
-        spans = bool(NEEDS_ANSWER_SPANS & run.reward_weights.keys())
-        grade(rollouts, [p.gold for p in prompts], run.tokenizer, G, run.answer_format, spans)
-    if run.ref_scorer is not None:
-        offline = a.certainty_model == "reference"
-        reference_pass(run.ref_scorer, rollouts, a.micro_batch_size, run.tokenizer.pad_token_id, run.rt.autocast,
-                       with_certainty=offline)  # fmt: skip
-    return compute_rewards(rollouts, run.reward_weights, G, a.certainty_model)
+        spans = any(REWARDS[name].needs_answer_spans for name in run.reward_weights)
+        grade(rollouts, [p.gold for p in prompts], run.tokenizer, args.num_generations, run.answer_format, spans)
+    if args.certainty_model == "reference":
+        reference_certainty(run.ref_scorer, rollouts, args.micro_batch_size, run.tokenizer.pad_token_id,
+                            run.runtime.autocast)  # fmt: skip
+    return compute_rewards(rollouts, run.reward_weights, args.num_generations, args)
 
 
 def update_step(run, rollouts, step):
     """4. Minimise the loss on the step's rollouts, guarded: a non-finite gradient skips the optimizer step (three
     in a row stop the run), an update that makes a weight non-finite stops it before anything is saved."""
     run.policy.train()
-    config = UpdateConfig.from_args(run.args)
     pad_id = run.tokenizer.pad_token_id
-    update = optimize(run.policy_scorer, run.optimizer, run.scheduler, rollouts, pad_id, config, run.rt.autocast)
+    update = optimize(run.policy_scorer, run.ref_scorer, run.optimizer, run.scheduler, rollouts, pad_id, run.args,
+                      run.runtime.autocast)  # fmt: skip
     run.skipped_in_a_row = run.skipped_in_a_row + 1 if update["skipped_updates"] else 0
     if run.skipped_in_a_row >= 3:
         die(f"steps {step - 1}-{step + 1} had a non-finite loss or gradient; lower --learning_rate")
     if not process.all_finite(run.policy):  # a finite gradient, too large a step
         die(f"step {step + 1}: the update made weights NaN/inf; lower --learning_rate")
-    if run.sampling_policy is not run.policy:  # --sampling_weights bf16 (appendix)
+    if run.sampling_policy is not run.policy:  # --sampling_weights bf16 (what only a GPU needs, at the end)
         copy_weights(run.policy, run.sampling_policy)
     return update
 
@@ -985,27 +1008,26 @@ def checkpoint_due(args, step, max_steps):
 
 def checkpoint_step(run, step):
     """Weights, tokenizer, optimizer and schedule, written by rank 0 when a checkpoint is due."""
-    a = run.args
-    if not checkpoint_due(a, step, run.max_steps):
+    if not checkpoint_due(run.args, step, run.max_steps):
         return
     weights, optimizer = process.full_state_dicts(run.policy, run.optimizer)  # gathered on rank 0 (FSDP2 shards)
-    if run.rt.rank == 0:
-        state = dict(step=step, optimizer=optimizer, scheduler=run.scheduler.state_dict(), args=asdict(a),
+    if run.runtime.rank == 0:
+        state = dict(step=step, optimizer=optimizer, scheduler=run.scheduler.state_dict(), args=asdict(run.args),
                      inputs=run.inputs)  # fmt: skip
-        run.run_dir.save_checkpoint(run.policy, run.tokenizer, state, a.save_total_limit, weights)
-    if run.rt.world_size > 1:
+        run.run_dir.save_checkpoint(run.policy, run.tokenizer, state, run.args.save_total_limit, weights)
+    if run.runtime.world_size > 1:
         dist.barrier()
 
 
 def train(args):
-    """The training loop (GRPO's, with self-certainty as the reward): per step, sample -> reward -> advantage ->
-    update, then log and checkpoint."""
+    """The training loop (GRPO's, with self-certainty as the reward): per rollout step, sample -> reward ->
+    advantage -> update, then log and checkpoint."""
     run = setup(args)
-    G, rank = args.num_generations, run.rt.rank
+    G, rank = args.num_generations, run.runtime.rank
     bar = dict(initial=run.start_step, total=run.max_steps, disable=not watch.progress_bars(rank), desc="steps")
     for step in tqdm(range(run.start_step, run.max_steps), **bar):
         seed_step(args.seed, step, rank)
-        prompts = step_prompts(run.prompts, step, args.prompts_per_step, rank, run.rt.world_size, args.seed)
+        prompts = step_prompts(run.prompts, step, args.prompts_per_step, rank, run.runtime.world_size, args.seed)
 
         # 1. sample G completions per prompt; the sampler keeps each token's self-certainty
         t0 = time.time()
@@ -1016,9 +1038,9 @@ def train(args):
         rewards = reward_step(run, rollouts, prompts)
         t2 = time.time()
 
-        # 3. group-normalised advantages; groups never straddle ranks
-        advantages = mixed_advantages(rewards, run.reward_weights, G, args.reward_mixing, args.scale_rewards)
-        for r, advantage in zip(rollouts, advantages.tolist() if torch.is_tensor(advantages) else advantages):
+        # 3. group-normalised advantages (weighted_advantages; for one reward, its group_advantages)
+        advantages = REWARD_MIXINGS[args.reward_mixing](rewards, run.reward_weights, G, args)
+        for r, advantage in zip(rollouts, advantages):
             r.advantage = advantage
 
         # 4. policy update: minimise the clipped surrogate + beta KL
@@ -1030,27 +1052,61 @@ def train(args):
         checkpoint_step(run, step + 1)
     ends_on_checkpoint = checkpoint_due(args, run.max_steps, run.max_steps)
     run.watcher.done(run.run_dir.checkpoint_path(run.max_steps) if ends_on_checkpoint else None)
-    process.leave_process_group(run.rt)
+    process.leave_process_group(run.runtime)
     return run.policy
 
 
+# ----------------------------------------------------------------------------- setup
+def check_names(args, reward_weights):
+    """Flag values that name a registry entry, and combinations that cannot run, read off the entries' own
+    properties: one error line each, before any model loads. TRL's `dapo` becomes `token`."""
+    args.loss_type = TRL_LOSS_NAMES.get(args.loss_type, args.loss_type)
+    for flag, registry in flag_registries().items():
+        if flag != "reward" and getattr(args, flag) not in registry:
+            names = ", ".join(list(registry) + (list(TRL_LOSS_NAMES) if flag == "loss_type" else []))
+            die(f"--{flag}: unknown name {getattr(args, flag)!r}; choose from {names}")
+    token_level = sorted(name for name in reward_weights if REWARDS[name].advantages)
+    if token_level and getattr(REWARD_MIXINGS[args.reward_mixing], "sequence_level_only", False):
+        die(f"--reward_mixing {args.reward_mixing} mixes sequence-level rewards only; {', '.join(token_level)} is "
+            "token-level: use --reward_mixing separate")  # fmt: skip
+    policy_only = sorted(name for name in reward_weights if REWARDS[name].reads_policy_certainty)
+    if policy_only and args.certainty_model == "reference":
+        die(f"--certainty_model reference replaces the self_certainty reward only; {', '.join(policy_only)} "
+            "reads the sampler's per-token values: use --certainty_model policy")  # fmt: skip
+
+
+def flag_registries():
+    """Each flag that names a registry entry, and its registry: --help lists their names (forks' too)."""
+    return {
+        "reward": REWARDS,
+        "reward_mixing": REWARD_MIXINGS,
+        "scale_rewards": ADVANTAGES,
+        "kl_estimator": KL_ESTIMATORS,
+        "importance_sampling_level": IMPORTANCE_RATIOS,
+        "loss_type": LOSS_AGGREGATIONS,
+    }
+
+
 def setup(args):
-    """Everything a run needs, built once and in the order it needs it: flags, run directory, data, then (the slow part)
-    the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every check
-    that can fail runs before any model loads."""
+    """Everything a run needs, built once and in the order it needs it: flags, run directory, data, then (the slow
+    part) the models, optimizer and schedule, resumed from the newest readable checkpoint with --resume. Every
+    check of the flags, the run directory and the data runs before any model loads; the memory plan, which
+    needs the model's configuration and size, right after the policy loads, before anything else does."""
     watch.quiet_libraries()  # a log file holds one line per step
-    rt = process.runtime_from_env(args.device, args.dtype)
-    process.check_train_args(args, rt)
+    runtime = process.runtime_from_env(args.device, args.dtype)
+    process.check_train_args(args, runtime)
     reward_weights = parse_reward(args.reward)
     check_names(args, reward_weights)
     # first, so that a check failing on rank 0 alone stops every rank (process.on_first_rank)
-    process.init_distributed(rt, always=args.parallel == "fsdp")
+    process.init_distributed(runtime, always=args.parallel == "fsdp")
     resume = args.resume or bool(args.resume_from_checkpoint)
-    run_dir = runs.RunDirectory(args.output_dir, resume, args.overwrite_output_dir, rank=rt.rank)
+    run_dir = runs.RunDirectory(args.output_dir, resume, args.overwrite_output_dir, rank=runtime.rank)
     checkpoint, state = run_dir.resume_point(asdict(args), args.resume_from_checkpoint)
     inputs = runs.input_fingerprints(args.model, args.dataset)  # a resumed run must see what it began with
     runs.check_same_inputs(state, inputs, checkpoint)
-    need_gold = "accuracy" in reward_weights
+    hub_inputs = [("--model", args.model, "model"), ("--dataset", args.dataset, "dataset")]
+    process.check_hub([(flag, name, kind) for flag, name, kind in hub_inputs if process.hub_id(name)])  # together
+    need_gold = any(REWARDS[name].needs_gold for name in reward_weights)
     rows, questions, golds = tasks.load_questions(args.dataset, args.dataset_split, args.prompt_column,
                                                   args.answer_column, need_gold=need_gold,
                                                   config=args.dataset_config)  # fmt: skip
@@ -1063,28 +1119,30 @@ def setup(args):
     steps_per_epoch = len(prompts) // args.prompts_per_step
     max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
 
-    model_device = torch.device("cpu") if args.parallel == "fsdp" else rt.device  # FSDP2 moves the shards there
+    model_device = torch.device("cpu") if args.parallel == "fsdp" else runtime.device  # FSDP2 moves shards there
     policy = process.load_model(checkpoint or args.model, model_device)[0]
     n_params = sum(p.numel() for p in policy.parameters())
-    process.check_memory(process.memory_plan(policy.config, n_params, args, rt.world_size, rt.bf16), rt)
+    process.check_memory(process.memory_plan(policy.config, n_params, args, runtime.world_size, runtime.bf16), runtime)
 
     sharded = args.parallel == "fsdp"
-    scoring = (args.temperature, args.chunk_size, args.vocab_chunk_size)  # log-probs at temperature; tile sizes
+    # log-probs at the sampling temperature; the streamed head's token chunk and vocabulary slice
+    head_settings = (args.temperature, args.chunk_size, args.vocab_chunk_size)
     ref_scorer = None
     if args.beta > 0 or args.certainty_model == "reference":  # the initial model, also when resuming
         ref = process.load_model(args.model, model_device)[0] if checkpoint else copy.deepcopy(policy)
-        # frozen; on GPU its matmul weights become bf16, computing what the policy computes (freeze, appendix)
-        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=rt.bf16 and not sharded), *scoring, sharded)
+        # frozen; on GPU its matmul weights become bf16, computing what the policy computes (freeze, at the end)
+        ref_scorer = CompletionLogProbs(freeze(ref, bf16_matmuls=runtime.bf16 and not sharded), *head_settings, sharded)
     sampling_policy = policy
-    if args.sampling_weights == "bf16":  # a full bf16 copy on every rank, refreshed after every update (appendix)
-        sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True).to(rt.device)
+    if args.sampling_weights == "bf16":  # a full bf16 copy on every rank, refreshed after every update
+        sampling_policy = freeze(copy.deepcopy(policy), bf16_matmuls=True).to(runtime.device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_scorer = CompletionLogProbs(policy, *scoring, sharded)
+    policy_scorer = CompletionLogProbs(policy, *head_settings, sharded)
     if sharded:  # FSDP2: weights, gradients and AdamW state sharded per decoder layer, on the GPU
-        policy_scorer, ref_scorer = process.shard(policy_scorer, rt), ref_scorer and process.shard(ref_scorer, rt)
-    elif rt.world_size > 1:
-        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        policy_scorer = process.shard(policy_scorer, runtime)
+        ref_scorer = ref_scorer and process.shard(ref_scorer, runtime)
+    elif runtime.world_size > 1:
+        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         policy_scorer = torch.nn.parallel.DistributedDataParallel(
             policy_scorer, device_ids=device_ids, **process.ddp_buffer_arguments()
         )
@@ -1092,14 +1150,14 @@ def setup(args):
 
     start_step = state["step"] if state else 0
     run_dir.open(start_step)
-    if rt.rank == 0:
+    if runtime.rank == 0:
         resumed = f", resumed from {checkpoint}" if checkpoint else ""
-        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {rt}{resumed}")
+        tqdm.write(f"{len(prompts)} prompts ({skipped} too long, skipped), {max_steps} steps, {runtime}{resumed}")
     has_gold = any(p.gold is not None for p in prompts)
     watcher = watch.Watcher(
         metrics_path=run_dir.metrics_path,
         max_steps=max_steps,
-        rank=rt.rank,
+        rank=runtime.rank,
         report_to=args.report_to,
         output_dir=args.output_dir,
         config=asdict(args),
@@ -1111,7 +1169,7 @@ def setup(args):
     )
     return Run(
         args=args,
-        rt=rt,
+        runtime=runtime,
         policy=policy,
         sampling_policy=sampling_policy,
         policy_scorer=policy_scorer,
@@ -1123,7 +1181,7 @@ def setup(args):
         stop_ids=stop_token_ids(tokenizer, policy),
         reward_weights=reward_weights,
         answer_format=tasks.infer_answer_format(rows, args.answer_column, args.answer_format),
-        grade_answers=has_gold or bool(NEEDS_ANSWERS & reward_weights.keys()),
+        grade_answers=has_gold or any(REWARDS[name].needs_answers for name in reward_weights),
         start_step=start_step,
         max_steps=max_steps,
         run_dir=run_dir,
@@ -1132,107 +1190,7 @@ def setup(args):
     )
 
 
-# ----------------------------------------------------------------------------- appendix: the streamed lm_head
-# Scoring a 3k-token completion with a 150k vocabulary would hold a (tokens x |V|) logits tensor (1.7 GB in fp32
-# per sequence). Below, the same quantities one (token chunk x vocabulary slice) tile at a time, both directions.
-# One online-logsumexp rule throughout: lse <- logaddexp(lse, logsumexp(tile)); a running sum of e^(z - lse)
-# terms is rescaled by e^(old lse - new lse) whenever lse grows.
-def _lm_head_tile_stats(h, weight, targets, temperature, vocab_chunk, mean_row=None):
-    """One token chunk through the lm_head, one vocabulary slice at a time (a few numbers per token): the target
-    log-prob at `temperature` and its logsumexp; given mean_row w̄ (the mean row of the lm_head weight), also
-    self-certainty and entropy at temperature 1, from mean_j z_j = h . w̄ and sum_j p_j z_j."""
-    n, V = h.shape[0], weight.shape[0]
-    lse = torch.full((n,), -math.inf, device=h.device)  # logsumexp of z / T so far
-    target = torch.zeros(n, device=h.device)
-    # temperature 1: logsumexp of z so far, and the sums of e^(z_j - lse1) and of e^(z_j - lse1) z_j, whose
-    # ratio is E_p[z] (a ratio, so lse1's rounding cancels); float64, as they are rescaled at every slice
-    lse1 = torch.full((n,), -math.inf, device=h.device, dtype=torch.float64)
-    p_1, p_z = (torch.zeros(n, device=h.device, dtype=torch.float64) for _ in range(2))
-    for v0 in range(0, V, vocab_chunk):
-        z = (h @ weight[v0 : v0 + vocab_chunk].T).float()
-        z_t = z / temperature if temperature != 1 else z
-        lse = torch.logaddexp(lse, torch.logsumexp(z_t, -1))
-        in_this_slice = (targets >= v0) & (targets < v0 + z.shape[1])
-        column = (targets - v0).clamp(0, z.shape[1] - 1)[:, None]
-        target += torch.where(in_this_slice, z_t.gather(1, column).squeeze(1), 0.0)
-        if mean_row is not None:
-            new_lse1 = torch.logaddexp(lse1, torch.logsumexp(z, -1).double())
-            e, rescale = torch.exp(z - new_lse1[:, None].float()), torch.exp(lse1 - new_lse1)
-            p_1, p_z = p_1 * rescale + e.sum(-1).double(), p_z * rescale + (e * z).sum(-1).double()
-            lse1 = new_lse1
-    stats = {"logp": target - lse, "lse": lse}
-    if mean_row is not None:
-        stats["self_certainty"] = certainty_from(lse1.float(), h.float() @ mean_row, V)
-        stats["entropy"] = (lse1 - p_z / p_1).float()
-    return stats
-
-
-@torch.no_grad()
-def streamed_token_stats(h, weight, targets, temperature=1.0, chunk_size=1024, vocab_chunk=4096,
-                         with_certainty=True):  # fmt: skip
-    """Per-token log p(target) at `temperature` and, with_certainty, self-certainty and entropy at temperature 1
-    (the same certainty_from as the sampler's), from hidden states (N, H) and lm_head weight (V, H); memory
-    O(chunk_size x vocab_chunk)."""
-    mean_row = None
-    if with_certainty:
-        row_sum = sum(weight[v0 : v0 + vocab_chunk].float().sum(0) for v0 in range(0, weight.shape[0], vocab_chunk))
-        mean_row = row_sum / weight.shape[0]
-    chunks = zip(h.split(chunk_size), targets.split(chunk_size))
-    per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk, mean_row) for hc, tc in chunks]
-    keys = ("logp", "self_certainty", "entropy") if with_certainty else ("logp",)
-    return {key: torch.cat([s[key] for s in per_chunk]) for key in keys}
-
-
-class StreamedLogProbs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] with a backward that recomputes each (token chunk x vocab slice) tile.
-
-    d logp_i / d z_ij = (1[j = t_i] - p_ij) / T, accumulated tile by tile into grad_h and into a weight gradient;
-    one tile of logits at most, in both directions.
-
-    - Replicated weights (one process, DDP; `into_weight_grad`): the tiles go straight into the fp32 parameter's
-      .grad and autograd gets a stride-0 zero, so for an untied head no second full-size weight gradient exists
-      (DDP's hooks still fire through autograd). A head tied to the input embedding (Qwen2.5 up to 3B, SmolLM2)
-      still gets the embedding's dense V x H gradient from autograd, which joins the streamed one in .grad.
-    - Sharded weights (FSDP2): the weight is the unsharded copy FSDP lends the module for this pass, and its
-      gradient must go back through autograd for FSDP to reduce-scatter it: one V x H fp32 tensor, returned."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_size, vocab_chunk, into_weight_grad=True):
-        chunks = zip(h.split(chunk_size), targets.split(chunk_size))
-        per_chunk = [_lm_head_tile_stats(hc, weight, tc, temperature, vocab_chunk) for hc, tc in chunks]
-        ctx.save_for_backward(h, weight, targets, torch.cat([s["lse"] for s in per_chunk]))
-        ctx.tiles, ctx.into_weight_grad = (temperature, chunk_size, vocab_chunk), into_weight_grad
-        # backward recomputes the logits under the forward's autocast state, or p = exp(z - lse) drifts; under
-        # bf16 autocast its gradient matmuls run in bf16 too, accumulated into fp32 grad_h and W.grad
-        ctx.amp = h.device.type, torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
-        return torch.cat([s["logp"] for s in per_chunk])
-
-    @staticmethod
-    def backward(ctx, grad):
-        device_type, enabled, dtype = ctx.amp
-        h, weight, targets, lse = ctx.saved_tensors
-        temperature, chunk_size, vocab_chunk = ctx.tiles
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        into_grad = ctx.into_weight_grad and weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32
-        if into_grad and weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        grad_w = weight.grad if into_grad else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward did
-            for i in range(0, h.shape[0], chunk_size):
-                hc, tc = h[i : i + chunk_size], targets[i : i + chunk_size]
-                g = grad[i : i + chunk_size].float() / temperature
-                for v0 in range(0, weight.shape[0], vocab_chunk):
-                    w = weight[v0 : v0 + vocab_chunk]
-                    dz = -torch.exp((hc @ w.T).float() / temperature - lse[i : i + chunk_size, None]) * g[:, None]
-                    in_slice = (tc >= v0) & (tc < v0 + w.shape[0])
-                    dz[in_slice, tc[in_slice] - v0] += g[in_slice]
-                    grad_h[i : i + chunk_size] += dz @ w.float()
-                    grad_w[v0 : v0 + vocab_chunk] += dz.T @ hc.float()
-        grad_w = weight.new_zeros(()).expand(weight.shape) if into_grad else grad_w.to(weight.dtype)
-        return grad_h.to(h.dtype), grad_w, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------- appendix: what only a GPU needs
+# ----------------------------------------------------------------------------- what only a GPU needs
 def freeze(model, bf16_matmuls):
     """`model` made a frozen scorer or sampler (the reference, the bf16 sampling copy), in place; with
     bf16_matmuls, its matrix multiplications hold bf16 weights and everything else stays fp32.
@@ -1287,7 +1245,7 @@ def static_cache(policy, batch_size, max_cache_len):
 def sample_static(policy, prompts, num_generations, max_new_tokens, temperature, stop_ids, pad_id, top_k=0,
                   top_p=1.0):  # fmt: skip
     """sample() with a static KV cache and a fixed-shape decode step (--sampler static)."""
-    device, kv = next(policy.parameters()).device, process.cache_argument(policy)
+    device, cache_key = next(policy.parameters()).device, process.cache_argument(policy)
     rows = [p for p in prompts for _ in range(num_generations)]  # a prompt's G samples adjacent
     n, width = len(rows), -(-max(map(len, prompts)) // 64) * 64  # padded to a multiple of 64: few shapes to compile
     # one mask over the whole cache: the prompt's tokens now, each new token as it is written
@@ -1295,17 +1253,17 @@ def sample_static(policy, prompts, num_generations, max_new_tokens, temperature,
     cache = static_cache(policy, n, width + max_new_tokens)
     written = torch.arange(width, device=device)  # cache positions written by this forward (older transformers)
     extra = {"cache_position": written} if "cache_position" in inspect.signature(policy.forward).parameters else {}
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **{kv: cache}, **extra)
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **{cache_key: cache}, **extra)
     logits, pos, written = out.logits[:, -1].float(), pos[:, -1:], written[-1:]
     check_finite(logits)
     if device.type == "cuda" and not hasattr(policy, "compiled_forward"):  # compiled once per model, then replayed
         policy.compiled_forward = torch.compile(policy.forward, mode="reduce-overhead")
     forward = policy.compiled_forward if device.type == "cuda" else policy
     stop, alive = torch.tensor(stop_ids, device=device), torch.ones(n, dtype=torch.bool, device=device)
-    stats, tokens = RunningStats(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
+    values, tokens = PerTokenValues(n, max_new_tokens, device), torch.full((n, max_new_tokens), pad_id, device=device)
     for t in range(max_new_tokens):
         next_token = torch.where(alive, choose_tokens(logits, temperature, top_k, top_p), pad_id)
-        stats.add(t, logits, next_token, slice(None), alive)
+        values.add(t, logits, next_token, slice(None), alive)
         tokens[:, t] = next_token
         alive &= ~torch.isin(next_token, stop)
         if t == max_new_tokens - 1 or (t % 16 == 15 and not alive.any()):  # the host waits every 16 steps only
@@ -1313,22 +1271,37 @@ def sample_static(policy, prompts, num_generations, max_new_tokens, temperature,
         mask[:, width + t] = 1
         pos, written = pos + 1, written + 1
         extra = {"cache_position": written} if extra else {}
-        step = {"input_ids": next_token[:, None], "attention_mask": mask, "position_ids": pos, kv: cache, **extra}
+        step = {
+            "input_ids": next_token[:, None],
+            "attention_mask": mask,
+            "position_ids": pos,
+            cache_key: cache,
+            **extra,
+        }
         # .clone(): a graph replay's output lives in the graph's memory, overwritten by the next replay
         logits = forward(**step).logits[:, -1].float().clone()
-    return stats.rollouts(prompts, num_generations, tokens, truncated=alive)  # still alive after the last step
+    return values.rollouts(prompts, num_generations, tokens, truncated=alive)  # still alive after the last step
 
 
 def parse_args(argv=None):
-    return process.parse_flags(Args, argv, epilog=f"training curves: {watch.PLOT_USAGE}")
+    return process.parse_flags(Args, argv, epilog=f"training curves: {watch.PLOT_USAGE}", registries=flag_registries())
+
+
+def main(argv):
+    if argv[:1] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [OUT.png]
+        watch.plot_metrics(*argv[1:])
+        return
+    args = parse_args(argv)
+    runs.interrupt_once()
+    try:
+        train(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to continue
+        runs.interrupted(args.output_dir)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["plot"]:  # python intuitor.py plot RUN/metrics.jsonl [OUT.png]
-        watch.plot_metrics(*sys.argv[2:])
-    else:
-        args = parse_args(sys.argv[1:])
-        try:
-            train(args)
-        except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to continue
-            runs.interrupted(args.output_dir)
+    # ablations.py imports this file as the module `intuitor` and adds its entries to that module's registries,
+    # so the run uses that module (this file, run as a script, is a second copy named __main__).
+    import ablations  # noqa: F401
+
+    sys.modules["intuitor"].main(sys.argv[1:])

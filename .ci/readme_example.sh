@@ -14,8 +14,9 @@ t = make_tokenizer(); make_model(t, head_scale=8.0).save_pretrained('/tmp/tiny-r
 fi
 rm -rf runs/cpu
 echo "$block"
-PATH="$(dirname "$(command -v python3)"):$PATH" bash -euo pipefail -c "$block"
+PATH="$(dirname "$(command -v python3)"):$PATH" /usr/bin/time -f "README CPU example: %e s wall, peak %M KiB resident" \
+    bash -euo pipefail -c "$block"
 test "$(wc -l < runs/cpu/metrics.jsonl)" -eq 3
 test -f runs/cpu/checkpoint-3/model.safetensors
 python3 -c "assert open('runs/cpu/metrics.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'"
-echo "README CPU example: ok"
+echo "README CPU example: ok; on disk: $(du -sh runs/cpu | cut -f1) in runs/cpu ($(du -sh runs/cpu/checkpoint-3 | cut -f1) its checkpoint)"

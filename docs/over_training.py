@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval import mcnemar_exact, read_records  # noqa: E402
-from harness.runs import read_metrics  # noqa: E402
+from intuitor_harness.runs import read_metrics  # noqa: E402
 
 BASE = os.path.join(ROOT, "docs", "table1", "base.eval.jsonl")
 SEEDS = {"grpo": ["grpo", "grpo_seed43", "grpo_seed44"], "intuitor": ["intuitor", "intuitor_seed43", "intuitor_seed44"]}

@@ -4,8 +4,12 @@
 # Usage: [EVAL_STEPS="20 40"] bash docs/over_training.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [runs...]
 # Runs: grpo, intuitor (seed 42), grpo_seed43/44, intuitor_seed43/44, offline (frozen scorer, paper Fig. 7),
 # intuitor_lr1e-5, intuitor_beta0.1, and three rewards from the literature (docs/ablations.md): token_sc (token-level
-# self-certainty advantages), mean_logprob (RLSC-style), answer_sc (self-certainty over the answer's tokens).
+# self-certainty advantages), mean_logprob (RLSC-style), answer_sc (self-certainty over the answer's tokens). The base-like
+# regime (--prompt_format plain: no chat template, trained and evaluated as 'Question: ... Answer:' text):
+# plain_base (the model itself, evaluated only), plain_grpo, plain_intuitor and their _seed43/_seed44 runs.
 # About 14-20 min of training a run on 2 cores and 70-145 s an evaluation.
+# Interrupted (Ctrl-C)? Run the same command again: finished evaluations are skipped, an interrupted run continues
+# from its newest checkpoint, and each log is appended to, never replaced.
 set -euo pipefail
 M=$1; shift
 RUNS=${*:-"grpo intuitor"}
@@ -32,18 +36,29 @@ declare -A FLAGS=(
 for r in $RUNS; do
   [[ -v FLAGS[$r] ]] || { echo "error: unknown run '$r'; choose from: ${!FLAGS[*]}" >&2; exit 2; }
 done
+trap 'echo; echo "interrupted: run the same command again to continue (finished evaluations are skipped, runs resume)"; exit 130' INT
 EVAL="--benchmark arithmetic --max_new_tokens 64 --batch_size 100"
+evaluate() {  # evaluate MODEL RECORDS LABEL: skipped when RECORDS exist
+  if [[ -s $2 ]]; then echo "$3: evaluated before ($2), skipped"; return; fi
+  echo "$3: evaluating, log: $OUT/$r.eval.log"
+  /usr/bin/time -a -o $OUT/$r.eval.log -f "$3 eval wall %e s" python eval.py --model $1 $EVAL $FORMAT --output $2 \
+      >> $OUT/$r.eval.log 2>&1 || { echo "$3: evaluation failed, see $OUT/$r.eval.log"; exit 1; }
+  grep "accuracy" $OUT/$r.eval.log | tail -n 1
+}
 for r in $RUNS; do
   FORMAT=""; [[ $r == plain_* ]] && FORMAT="--prompt_format plain"  # trained and evaluated in one format
-  if [[ $r == plain_base ]]; then
-    /usr/bin/time -f "$r eval wall %e s" python eval.py --model $M $EVAL $FORMAT --output $OUT/$r.eval.jsonl \
-        >> $OUT/$r.eval.log 2>&1
-    continue
+  if [[ $r == plain_base ]]; then evaluate $M $OUT/$r.eval.jsonl "$r"; continue; fi
+  if ! [[ -d $OUT/$r/checkpoint-40 ]]; then
+    RESUME=""  # a run begun before continues from its newest checkpoint, or starts again if it had none yet
+    if compgen -G "$OUT/$r/checkpoint-*" >/dev/null; then RESUME="--resume"; elif [[ -d $OUT/$r ]]; then RESUME="--overwrite_output_dir"; fi
+    echo "$r: training${RESUME:+ ($RESUME)}, log: $OUT/$r.log  (follow it with: tail -f $OUT/$r.log)"
+    echo "=== $(date -u +%FT%TZ) python intuitor.py ... ${FLAGS[$r]} $FORMAT --output_dir $OUT/$r $RESUME" >> $OUT/$r.log
+    /usr/bin/time -a -o $OUT/$r.log -f "$r train wall %e s" python intuitor.py $COMMON ${FLAGS[$r]} $FORMAT \
+        --output_dir $OUT/$r $RESUME >> $OUT/$r.log 2>&1 \
+        || { echo "$r: training stopped (last lines of $OUT/$r.log below); run the same command again to continue"; tail -n 3 $OUT/$r.log; exit 1; }
   fi
-  /usr/bin/time -f "$r train wall %e s" python intuitor.py $COMMON ${FLAGS[$r]} $FORMAT --output_dir $OUT/$r \
-      > $OUT/$r.log 2>&1
   for step in $STEPS; do
-    /usr/bin/time -f "$r step $step eval wall %e s" python eval.py --model $OUT/$r/checkpoint-$step $EVAL $FORMAT \
-        --output $OUT/$r.step$step.eval.jsonl >> $OUT/$r.eval.log 2>&1
+    evaluate $OUT/$r/checkpoint-$step $OUT/$r.step$step.eval.jsonl "$r step $step"
   done
 done
+echo "done: records in $OUT/; tables: python docs/over_training.py"

@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import intuitor as I  # noqa: E402
-from harness import process, tasks  # noqa: E402
+from intuitor_harness import process, tasks  # noqa: E402
 
 CHUNK, VOCAB_CHUNK = I.Args.chunk_size, I.Args.vocab_chunk_size
 
@@ -471,7 +471,7 @@ def sampling(args):
 def grading(args):
     """Grade every reference solution of a HumanEval file (hub columns) in the sandbox, one program at a time
     and one per core, isolated by bubblewrap and as plain processes (the fallback) side by side; each must pass."""
-    from harness import benchmarks, sandbox
+    from intuitor_harness import benchmarks, sandbox
 
     rows = [json.loads(line) for line in open(args.data)]
     if "canonical_solution" not in rows[0]:

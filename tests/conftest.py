@@ -118,3 +118,24 @@ def torchrun(nproc, *argv, check=True):
     if check:
         assert p.returncode == 0, p.stderr[-4000:]
     return p
+
+
+# ----------------------------------------------------------------------------- helpers for tests of the method
+import ablations  # noqa: E402,F401  (every test sees the literature's registry entries, as `python intuitor.py` does)
+import intuitor as I  # noqa: E402
+
+
+def loss_terms(logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high, kl_estimator="k3"):
+    """The token ratio, the KL and per_token_loss as optimize computes them: (loss, kl, clipped), all (B, C)."""
+    args = I.Args(epsilon=epsilon, epsilon_high=epsilon_high)
+    ratio, low, high = I.IMPORTANCE_RATIOS["token"](logp, old_logp, None, args)
+    kl = I.KL_ESTIMATORS[kl_estimator](logp, ref_logp) if beta else torch.zeros_like(logp)
+    loss, clipped = I.per_token_loss(ratio, advantages, kl, beta, low, high)
+    return loss, kl, clipped
+
+
+def mixed_advantages(rewards, weights, num_generations, mixing="separate", scale="group"):
+    """Step 3 as the loop runs it (REWARD_MIXINGS), as a (B,) tensor when every advantage is one float."""
+    args = I.Args(reward_mixing=mixing, scale_rewards=scale)
+    advantages = I.REWARD_MIXINGS[mixing](rewards, weights, num_generations, args)
+    return advantages if any(torch.is_tensor(a) for a in advantages) else torch.tensor(advantages)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import intuitor as I  # noqa: E402
-from harness import process  # noqa: E402
+from intuitor_harness import process  # noqa: E402
 
 
 def fixed_update(model_dir, out, world, rank):
@@ -27,8 +27,8 @@ def fixed_update(model_dir, out, world, rank):
     torch.manual_seed(0)
     prompts = [tok(t).input_ids for t in ("What is 2 + 3?", "Let x = 4.", "Solve 3y = 12", "7 * 6")]
     rollouts = I.sample(lm, prompts, 2, 10, 1.0, [tok.eos_token_id], tok.pad_token_id)
-    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, 2)
-    for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, 2).tolist()):
+    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, 2, I.Args())
+    for r, a in zip(rollouts, I.weighted_advantages(rewards, {"self_certainty": 1.0}, 2, I.Args())):
         r.advantage = a
     per_rank = len(rollouts) // world
     mine = rollouts[rank * per_rank : (rank + 1) * per_rank]
@@ -45,15 +45,14 @@ def fixed_update(model_dir, out, world, rank):
         lm.parameters(), lr=1.0
     )  # weight change = gradient: Adam would amplify fp noise in tiny grads
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    I.reference_pass(I.CompletionLogProbs(ref_lm, 1.0, 8, 64), mine, 3, tok.pad_token_id)
     loss_type = os.environ.get("LOSS_TYPE", "token")
-    config = I.UpdateConfig(
+    config = I.Args(
         beta=0.05,
         loss_type=loss_type,
         micro_batch_size=3,
         max_grad_norm=1e9,
     )  # no clipping: it would hide a scale error
-    I.optimize(model, opt, sched, mine, tok.pad_token_id, config)
+    I.optimize(model, I.CompletionLogProbs(ref_lm, 1.0, 8, 64), opt, sched, mine, tok.pad_token_id, config)
     weights, _ = process.full_state_dicts(lm, opt)
     if rank == 0:
         torch.save(weights, out)

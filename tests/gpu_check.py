@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import intuitor as I  # noqa: E402
-from harness import process  # noqa: E402
+from intuitor_harness import process  # noqa: E402
 
 SHAPES = {  # Qwen2.5's published configs: hidden, MLP, layers, query heads, KV heads, vocabulary
     "Qwen2.5-1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -134,11 +134,11 @@ def correctness(shape, device, rows):
     with autocast(device):
         torch.manual_seed(0)
         rollouts = I.sample(lm, prompts, 2, 32, 1.0, [], 0)
-    I.reference_pass(I.CompletionLogProbs(ref, 1.0, 1024, 4096), rollouts, 4, 0, lambda: autocast(device))
     opt = torch.optim.SGD(lm.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    update = I.optimize(I.CompletionLogProbs(lm, 1.0, 1024, 4096), opt, sched, rollouts, 0,
-                        I.UpdateConfig(beta=0.005, micro_batch_size=4), lambda: autocast(device))  # fmt: skip
+    ref_scorer = I.CompletionLogProbs(ref, 1.0, 1024, 4096)
+    update = I.optimize(I.CompletionLogProbs(lm, 1.0, 1024, 4096), ref_scorer, opt, sched, rollouts, 0,
+                        I.Args(beta=0.005, micro_batch_size=4), lambda: autocast(device))  # fmt: skip
     rows.append(("k3 KL to the reference at step 0", f"{update['kl']:.2e}", "0 expected"))
     del lm, ref, opt
 
@@ -256,14 +256,17 @@ def paper_step(shape, device, prompts_n, G, new_tokens, rows, out):
     reset_peak(device)
     with autocast(device):
         rollouts, t_sample = timed(lambda: I.sample(lm, prompts, G, new_tokens, 0.9, [], 0), device)
-    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G)
-    for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, G).tolist()):
+    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G, I.Args())
+    for r, a in zip(rollouts, I.weighted_advantages(rewards, {"self_certainty": 1.0}, G, I.Args())):
         r.advantage = a
-    _, t_ref = timed(lambda: I.reference_pass(ref, rollouts, 4, 0, lambda: autocast(device)), device)
+    # the frozen model's streamed pass, as --certainty_model reference runs it (log-probs for the KL: the same tiles)
+    _, t_ref = timed(lambda: I.reference_certainty(ref, rollouts, 4, 0, lambda: autocast(device)), device)
     lm.train()
     scorer = I.CompletionLogProbs(lm, 0.9, 1024, 4096)
-    config = I.UpdateConfig(micro_batch_size=4)
-    _, t_update = timed(lambda: I.optimize(scorer, opt, sched, rollouts, 0, config, lambda: autocast(device)), device)
+    config = I.Args(micro_batch_size=4)
+    _, t_update = timed(
+        lambda: I.optimize(scorer, ref, opt, sched, rollouts, 0, config, lambda: autocast(device)), device
+    )
     flags = I.Args(prompts_per_step=prompts_n, max_completion_length=new_tokens)
     plan = process.memory_plan(lm.config, n_params, flags, world_size=1, bf16=True)["peak"]
     rows.append((f"step {prompts_n} prompts x {G}, {new_tokens} new tokens: sample / reference / update",
@@ -292,7 +295,7 @@ def fsdp_step(shape, device, rows, out):
     for r in rollouts:
         r.advantage = 1.0
     reset_peak(device)
-    _, seconds = timed(lambda: I.optimize(scorer, opt, sched, rollouts, 0, I.UpdateConfig(beta=0.0),
+    _, seconds = timed(lambda: I.optimize(scorer, None, opt, sched, rollouts, 0, I.Args(beta=0.0),
                                           lambda: autocast(device)), device)  # fmt: skip
     flags = I.Args(parallel="fsdp", gradient_checkpointing=True, beta=0.0, max_prompt_length=8,
                    max_completion_length=length - 8, prompts_per_step=1, num_generations=4)  # fmt: skip

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, mixed_advantages
 from test_intuitor import metrics, naive_entropy, naive_self_certainty, run, small_run
 
 import intuitor as I
-from harness import tasks as T
+from intuitor_harness import tasks as T
 
 
 def test_plurality_votes():
@@ -30,14 +30,15 @@ def test_compute_rewards():
         rollout(self_certainty=0.2, self_certainty_ref=0.3, entropy=3.0, correct=True, answer="4"),
     ]
     names = {"self_certainty": 1, "accuracy": 1, "plurality": 1, "neg_entropy": 1}
-    r = {k: v.tolist() for k, v in I.compute_rewards(rollouts, names, 3).items()}
+    r = {k: v.tolist() for k, v in I.compute_rewards(rollouts, names, 3, I.Args()).items()}
     assert r == {
         "self_certainty": pytest.approx([0.5, 0.9, 0.2]),
         "accuracy": [1.0, 0.0, 1.0],
         "plurality": [1.0, 0.0, 1.0],
         "neg_entropy": [-2.0, -1.0, -3.0],
     }
-    offline = I.compute_rewards(rollouts, {"self_certainty": 1}, 3, "reference")["self_certainty"]
+    reference = I.Args(certainty_model="reference")
+    offline = I.compute_rewards(rollouts, {"self_certainty": 1}, 3, reference)["self_certainty"]
     assert offline.tolist() == pytest.approx([0.7, 0.1, 0.3])
 
 
@@ -49,10 +50,10 @@ def test_mixing_matches_hand_computation():
         "self_certainty": torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0]),
         "accuracy": torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
     }
-    adv = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3)
+    adv = mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3)
     expected = [-1 / 1.0001 + 0.5 * 1.154501, 0.5 * -0.577250, 1 / 1.0001 + 0.5 * -0.577250, 0, 0, 0]
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
-    only_logged = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.0}, 3)
+    only_logged = mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.0}, 3)
     assert torch.allclose(only_logged, I.group_advantages(rewards["self_certainty"], 3))
 
 
@@ -65,15 +66,15 @@ def test_official_mixing_matches_hand_computation():
         "plurality": torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
     }
     # 0.5 * acc = .5, 0, 0 -> mean 1/6, std .288675 -> (1/3, -1/6, -1/6) / .288775 = (1.154301, -.577150, -.577150)
-    adv = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3, mixing="official")
+    adv = mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3, mixing="official")
     expected = [-1 / 1.0001 + 1.154301, -0.577150, 1 / 1.0001 - 0.577150, 0, 0, 0]
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
     # acc + plurality = 1, 1, 1 in group 1: the sum carries no signal, so only SC moves it; group 2: 2, 1, 1
     # -> mean 4/3, std .57735 -> (2/3, -1/3, -1/3) / .57745 (SC is all-equal there)
-    adv = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 1.0, "plurality": 1.0}, 3, "official")
+    adv = mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 1.0, "plurality": 1.0}, 3, "official")
     expected = [-1 / 1.0001, 0, 1 / 1.0001, 1.154501, -0.577250, -0.577250]
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
-    separate = I.mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3)
+    separate = mixed_advantages(rewards, {"self_certainty": 1.0, "accuracy": 0.5}, 3)
     assert separate[1].item() == pytest.approx(0.5 * -0.577250, abs=1e-5)  # the default rule keeps the weight
 
 
@@ -82,9 +83,7 @@ def test_offline_self_certainty_and_entropy_match_full_forward(tokenizer):
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4. Then x^2 is")]
     torch.manual_seed(1)
     rollouts = I.sample(policy, prompts, 2, 10, 1.0, list(range(40, 60)), tokenizer.pad_token_id)
-    I.reference_pass(
-        I.CompletionLogProbs(reference, 1.0, 3, 50), rollouts, 3, tokenizer.pad_token_id, with_certainty=True
-    )
+    I.reference_certainty(I.CompletionLogProbs(reference, 1.0, 3, 50), rollouts, 3, tokenizer.pad_token_id)
     with torch.no_grad():
         for r in rollouts:
             ids = torch.tensor([r.prompt + r.completion])

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, torchrun
 
 import eval as E
-from harness import benchmarks as B
-from harness import sandbox
+from intuitor_harness import benchmarks as B
+from intuitor_harness import sandbox
 
 DATA = os.path.join(ROOT, "tests", "data")
 

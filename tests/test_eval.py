@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT, torchrun
 
 import eval as E
-from harness import benchmarks as B
-from harness import tasks as T
+from intuitor_harness import benchmarks as B
+from intuitor_harness import tasks as T
 
 DATA = os.path.join(ROOT, "tests", "data")
 

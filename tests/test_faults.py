@@ -15,7 +15,7 @@ from test_intuitor import metrics, small_run
 from test_runs import OFFLINE, assert_one_error_line, script
 
 import intuitor as I
-from harness import runs
+from intuitor_harness import runs
 
 INTERRUPT = """
 import os, runpy, signal, sys, torch
@@ -68,7 +68,7 @@ def test_ctrl_c_says_what_was_kept_and_the_run_resumes(tiny_dir, tmp_path, phase
 
 def test_ctrl_c_during_eval_is_one_line_and_the_path_stays_free(tiny_dir, tmp_path):
     code = (
-        "import os, runpy, sys\nimport harness.benchmarks as B\n"
+        "import os, runpy, sys\nimport intuitor_harness.benchmarks as B\n"
         "def grade(*a, **k):\n    raise KeyboardInterrupt\nB.grade_batch = grade\n"
         "sys.argv = ['eval.py', *sys.argv[1:]]\nrunpy.run_path(os.path.join(os.environ['ROOT'], 'eval.py'), "
         "run_name='__main__')\n"
@@ -257,7 +257,7 @@ def test_a_redirected_log_holds_one_line_per_step_and_no_library_bars(tiny_dir, 
 def test_a_huge_prompt_is_skipped_without_being_tokenised(tokenizer, monkeypatch):
     seen = []
     tokenize = I.tokenize_prompt
-    monkeypatch.setattr(I, "tokenize_prompt", lambda t, q, s: seen.append(len(q)) or tokenize(t, q, s))
+    monkeypatch.setattr(I, "tokenize_prompt", lambda t, q, s, f="chat": seen.append(len(q)) or tokenize(t, q, s, f))
     huge = "x" * 10_000_000
     prompts, skipped = I.make_prompts(["What is 2 + 3?", huge], [None, None], tokenizer, "", 512)
     assert len(prompts) == 1 and skipped == 1 and max(seen) < 100

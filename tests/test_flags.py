@@ -12,22 +12,26 @@ from test_intuitor import metrics, small_run
 from test_runs import assert_one_error_line
 
 import intuitor as I
-from harness import tasks
+from intuitor_harness import tasks
+
+
+def scaled(rewards, num_generations, scale):  # --scale_rewards SCALE's advantages
+    return I.ADVANTAGES[scale](rewards, num_generations, None)
 
 
 def test_scale_rewards_group_batch_none_by_hand():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 10.0])
     # group: group 1 std 1 -> (-1, 0, 1) / 1.0001; group 2 (4, 4, 10): mean 6, std sqrt(12) = 3.4641
-    group = I.group_advantages(r, 3, scale="group")
+    group = scaled(r, 3, "group")
     assert group.tolist() == pytest.approx([-1 / 1.0001, 0, 1 / 1.0001, -2 / 3.4642, -2 / 3.4642, 4 / 3.4642], abs=1e-4)
     # batch: one std over all six rewards: mean 4, squares 1+4+9+16+16+100 = 146 -> var (146 - 96) / 5 = 10
-    batch = I.group_advantages(r, 3, scale="batch")
+    batch = scaled(r, 3, "batch")
     s = 10**0.5 + 1e-4
     assert batch.tolist() == pytest.approx([-1 / s, 0, 1 / s, -2 / s, -2 / s, 4 / s], abs=1e-5)
     # none (Dr. GRPO): centred only
-    assert I.group_advantages(r, 3, scale="none").tolist() == pytest.approx([-1, 0, 1, -2, -2, 4])
+    assert scaled(r, 3, "none").tolist() == pytest.approx([-1, 0, 1, -2, -2, 4])
     equal = torch.tensor([5.0, 5.0, 5.0])
-    assert all(I.group_advantages(equal, 3, scale=s).tolist() == [0, 0, 0] for s in ("group", "batch", "none"))
+    assert all(scaled(equal, 3, s).tolist() == [0, 0, 0] for s in ("group", "batch", "none"))
 
 
 @pytest.mark.parametrize("scale", ["batch", "none"])
@@ -61,6 +65,7 @@ def test_dataset_config_reaches_the_hub_loader(monkeypatch):
     calls = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or [{"question": "q"}])
+    monkeypatch.setattr(tasks, "check_hub", lambda inputs: None)  # as if the dataset were in the local cache
     tasks.load_rows("openai/gsm8k", "test", config="main")
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
 
@@ -85,7 +90,10 @@ def test_pyproject_is_a_real_package():
 
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
     assert project["project"]["name"] == "intuitor-minimal"
-    assert project["tool"]["setuptools"] == {"py-modules": ["intuitor"], "packages": ["harness"]}  # no `data`
+    assert project["tool"]["setuptools"] == {
+        "py-modules": ["intuitor", "ablations"],
+        "packages": ["intuitor_harness"],
+    }  # no `data`
     deps = project["project"]["dependencies"]
     assert all("<" in d and ">=" in d for d in deps), deps  # bounded both ways
     runtime = [line.split("#")[0].strip() for line in open(os.path.join(ROOT, "requirements.txt"))]

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, torchrun
 from test_ddp import WORKER, metrics, train_args
 
-from harness import process
+from intuitor_harness import process
 
 
 @pytest.mark.parametrize("head", ["untied", "tied"])

@@ -12,7 +12,7 @@ from conftest import make_model
 from test_intuitor import metrics, small_run
 
 import intuitor as I
-from harness import process
+from intuitor_harness import process
 
 PROMPTS = ("What is 2 + 3?", "Compute 7 * 6 = 42, so the final answer", "x")
 
@@ -140,14 +140,14 @@ def test_reference_and_sampling_copy_equal_the_policy_under_bf16_autocast(tokeni
 
     def kl_at_step_0(reference):
         rollouts = copy.deepcopy(from_policy)
-        I.reference_pass(I.CompletionLogProbs(reference, 1.0, 8, 64), rollouts, 4, pad, autocast)
         for r in rollouts:
             r.advantage = 0.0
         lm = copy.deepcopy(policy)
         opt = torch.optim.SGD(lm.parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        config = I.UpdateConfig(beta=0.1, micro_batch_size=4)
-        return I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, pad, config, autocast)["kl"]
+        config = I.Args(beta=0.1, micro_batch_size=4)
+        ref = I.CompletionLogProbs(reference, 1.0, 8, 64)
+        return I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), ref, opt, sched, rollouts, pad, config, autocast)["kl"]
 
     assert kl_at_step_0(I.freeze(copy.deepcopy(policy), bf16_matmuls=True)) == 0.0
     assert kl_at_step_0(blanket_bf16(policy)) > 1e-6  # the copy a plain .to(bf16) makes is another model

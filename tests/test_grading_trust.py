@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 import eval as E
-from harness import sandbox
-from harness import tasks as T
+from intuitor_harness import sandbox
+from intuitor_harness import tasks as T
 
 DATA = os.path.join(ROOT, "tests", "data")
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -30,7 +30,7 @@ def one_error_line(p, needle):
 # ----------------------------------------------------------------------------- the interpreter under /tmp
 GRADE_IN_VENV = """
 import json, sys
-from harness import sandbox
+from intuitor_harness import sandbox
 if sys.argv[1] == "hide":  # the sandbox as it was: nothing of the interpreter bound back
     sandbox.interpreter_paths = lambda: []
     sandbox.self_test()

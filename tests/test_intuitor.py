@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA, ROOT, make_model
+from conftest import DATA, ROOT, loss_terms, make_model, mixed_advantages
 
 import intuitor as I
 
@@ -187,7 +187,7 @@ def test_group_advantages():
     a = I.group_advantages(r, 3)
     torch.testing.assert_close(a[:3], torch.tensor([-1.0, 0.0, 1.0]) / (1.0 + 1e-4))  # unbiased std of 1,2,3 is 1
     assert torch.equal(a[3:], torch.zeros(3))  # all-equal group: zero, not NaN
-    mixed = I.mixed_advantages({"self_certainty": r}, {"self_certainty": -2.0}, 3)
+    mixed = mixed_advantages({"self_certainty": r}, {"self_certainty": -2.0}, 3)
     torch.testing.assert_close(mixed, -2.0 * a)
 
 
@@ -196,13 +196,13 @@ def test_loss_at_ratio_one_is_the_policy_gradient():
     logp = torch.randn(3, 4).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
     adv = torch.tensor([0.5, -1.0, 2.0])
-    loss, kl, clipped = I.per_token_loss(logp, logp.detach(), logp.detach(), adv, 0.0, 0.2, 0.2)
+    loss, kl, clipped = loss_terms(logp, logp.detach(), logp.detach(), adv, 0.0, 0.2, 0.2)
     I.aggregate_loss(loss, mask, "token", mask.sum(), 3).backward()
     expected = -adv[:, None] * mask / mask.sum()  # grad of -(1/N) sum_t A log pi
     torch.testing.assert_close(logp.grad, expected)
     assert not clipped.any()
     logp.grad = None
-    loss, _, _ = I.per_token_loss(logp, logp.detach(), logp.detach(), adv, 0.0, 0.2, 0.2)
+    loss, _, _ = loss_terms(logp, logp.detach(), logp.detach(), adv, 0.0, 0.2, 0.2)
     I.aggregate_loss(loss, mask, "grpo", mask.sum(), 3).backward()
     torch.testing.assert_close(logp.grad, -adv[:, None] * mask / mask.sum(1, keepdim=True) / 3)
 
@@ -212,15 +212,15 @@ def test_no_gradient_where_clipping_binds_and_k3_kl():
     old = torch.log(torch.tensor([[0.5, 0.9, 1.0, 1.5]]))  # ratio = 2.0, 1.11, 1.0, 0.67
     for a, bound in ((1.0, [True, False, False, False]), (-1.0, [False, False, False, True])):
         logp.grad = None
-        loss, _, clipped = I.per_token_loss(logp, old, logp.detach(), torch.tensor([a]), 0.0, 0.2, 0.2)
+        loss, _, clipped = loss_terms(logp, old, logp.detach(), torch.tensor([a]), 0.0, 0.2, 0.2)
         loss.sum().backward()
         assert clipped[0].tolist() == bound
         assert ((logp.grad[0] == 0) == torch.tensor(bound)).all()
     lp = torch.tensor([[-1.0, -2.0, -0.5]])
-    _, kl, _ = I.per_token_loss(lp, lp, lp.clone(), torch.zeros(1), 0.1, 0.2, 0.2)
+    _, kl, _ = loss_terms(lp, lp, lp.clone(), torch.zeros(1), 0.1, 0.2, 0.2)
     assert torch.equal(kl, torch.zeros_like(kl))  # policy == reference
     ref = torch.tensor([[-1.5, -1.0, -0.5]])
-    _, kl, _ = I.per_token_loss(lp, lp, ref, torch.zeros(1), 0.1, 0.2, 0.2)
+    _, kl, _ = loss_terms(lp, lp, ref, torch.zeros(1), 0.1, 0.2, 0.2)
     d = (ref - lp).double()
     torch.testing.assert_close(kl.double(), torch.exp(d) - d - 1)
     assert (kl[0, :2] > 0).all() and kl[0, 2] == 0
@@ -230,8 +230,8 @@ def fixed_rollouts(tokenizer, lm, n_prompts=2, G=3):
     torch.manual_seed(7)
     prompts = [tokenizer(t).input_ids for t in ("What is 2 + 3?", "Let x = 4.")][:n_prompts]
     rollouts = I.sample(lm, prompts, G, 12, 1.0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G)
-    for r, a in zip(rollouts, I.mixed_advantages(rewards, {"self_certainty": 1.0}, G).tolist()):
+    rewards = I.compute_rewards(rollouts, {"self_certainty": 1.0}, G, I.Args())
+    for r, a in zip(rollouts, mixed_advantages(rewards, {"self_certainty": 1.0}, G).tolist()):
         r.advantage = a
     return rollouts
 
@@ -239,16 +239,16 @@ def fixed_rollouts(tokenizer, lm, n_prompts=2, G=3):
 def one_update(tokenizer, rollouts, micro_batch_size, loss_type):
     lm = make_model(tokenizer, seed=6, head_scale=4.0)
     ref = I.CompletionLogProbs(make_model(tokenizer, seed=6, head_scale=3.0), 1.0, 8, 64)
-    I.reference_pass(ref, rollouts, micro_batch_size, tokenizer.pad_token_id)
     opt = torch.optim.SGD(lm.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     m = I.optimize(
         I.CompletionLogProbs(lm, 1.0, 8, 64),
+        ref,
         opt,
         sched,
         rollouts,
         tokenizer.pad_token_id,
-        I.UpdateConfig(
+        I.Args(
             beta=0.05,
             loss_type=loss_type,
             micro_batch_size=micro_batch_size,

@@ -13,7 +13,7 @@ from conftest import ROOT, make_model
 from test_intuitor import metrics, small_run
 
 import intuitor as I
-from harness import watch
+from intuitor_harness import watch
 
 
 # ---------------------------------------------------------------- sampling knobs
@@ -151,14 +151,14 @@ def test_masked_truncated_completions_take_no_part_in_the_loss(tokenizer):
             r.advantage, r.truncated = (1.0 if k % 2 else -1.0), truncate(k)
         before = [p.detach().clone() for p in lm.parameters()]
         opt = torch.optim.SGD(lm.parameters(), lr=1.0)
-        config = I.UpdateConfig(
+        config = I.Args(
             beta=0.0,
             micro_batch_size=2,
             max_grad_norm=1e9,
             mask_truncated_completions=mask,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), opt, sched, rollouts, tokenizer.pad_token_id, config)
+        I.optimize(I.CompletionLogProbs(lm, 1.0, 8, 64), None, opt, sched, rollouts, tokenizer.pad_token_id, config)
         return [p.detach() - b for p, b in zip(lm.parameters(), before)]
 
     masked_all = update(True, lambda k: True)

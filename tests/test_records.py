@@ -4,7 +4,6 @@ without the page, fails here), and README's Paper -> code links point at the def
 
 import importlib.util
 import os
-import re
 
 from conftest import ROOT
 
@@ -38,14 +37,10 @@ def test_seed_spread_is_mean_and_sample_sd(capsys):
 
 
 def test_readme_links_point_at_the_definitions():
+    spec = importlib.util.spec_from_file_location("readme_links", os.path.join(ROOT, "docs", "readme_links.py"))
+    links = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(links)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    source = open(os.path.join(ROOT, "intuitor.py"), encoding="utf-8").read().splitlines()
-    links = re.findall(r"\[`(\w+)`\]\(intuitor\.py#L(\d+)\)", readme)
-    assert len(links) >= 20
-
-    def defined_at(name):
-        starts = (f"def {name}(", f"class {name}(", f"class {name}:", f"{name} = ")
-        return next(i + 1 for i, line in enumerate(source) if line.startswith(starts))
-
-    wrong = {name: (int(line), defined_at(name)) for name, line in links if defined_at(name) != int(line)}
-    assert not wrong, f"README link line -> where intuitor.py defines it now: {wrong}"
+    assert len(links.LINK.findall(readme)) >= 20
+    stale = links.stale_links(readme)
+    assert not stale, f"README links that point elsewhere (linked -> defined): {stale}; run python docs/readme_links.py"

@@ -7,7 +7,7 @@ import os
 from conftest import ROOT
 
 import intuitor as I
-from harness import tasks
+from intuitor_harness import tasks
 
 
 def expression(row):
@@ -23,7 +23,10 @@ def test_arithmetic_splits_are_deterministic_disjoint_and_match_the_committed_fi
     for row in train + test:
         a, op, b = expression(row).split()
         assert row["answer"].endswith(f"#### {eval(f'{a} {op} {b}')}")  # noqa: S307 - our own digits
-    for name, rows in (("train", train), ("test", test)):  # what `python -m harness.tasks arithmetic data` writes
+    for name, rows in (
+        ("train", train),
+        ("test", test),
+    ):  # what `python -m intuitor_harness.tasks arithmetic data` writes
         with open(os.path.join(ROOT, "data", f"arithmetic_{name}.jsonl")) as f:
             assert [json.loads(line) for line in f] == rows
 
@@ -48,11 +51,11 @@ def test_number_format_grades_unboxed_answers(tokenizer):
     assert [r.correct for r in rollouts] == [True, True, False, True]
     I.grade(rollouts, ["56"], tokenizer, 4, "boxed")
     assert [r.correct for r in rollouts] == [False, False, False, True]
-    assert I.compute_rewards(rollouts, {"plurality": 1.0}, 4)["plurality"].tolist() == [0, 0, 0, 1]
+    assert I.compute_rewards(rollouts, {"plurality": 1.0}, 4, I.Args())["plurality"].tolist() == [0, 0, 0, 1]
 
 
 def test_the_arithmetic_benchmark_finds_its_shipped_file_from_anywhere(tmp_path, monkeypatch):
-    from harness import benchmarks
+    from intuitor_harness import benchmarks
 
-    monkeypatch.chdir(tmp_path)  # data/ is found beside harness/, not in the working directory
+    monkeypatch.chdir(tmp_path)  # data/ is found beside intuitor_harness/, not in the working directory
     assert len(benchmarks.load_problems("arithmetic")) == 300

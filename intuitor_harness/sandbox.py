@@ -23,7 +23,9 @@ can undo it, which is why the namespaces, not the guard, are the isolation.
 Programs run in parallel, one per core by default.
 """
 
+import contextlib
 import functools
+import itertools
 import os
 import secrets
 import shutil
@@ -159,6 +161,76 @@ def bubblewrap():
     return path if probe.returncode == 0 else None
 
 
+@functools.cache
+def bubblewrap_as_nobody():
+    """Whether bwrap can be started by user nobody (unprivileged user namespaces), so that a root grader's
+    sandboxes map to nobody on the host, where the process limit (RLIMIT_NPROC) holds; mapped to root it would
+    not. Needs this interpreter to be usable by other users."""
+    if not (bubblewrap() and os.geteuid() == 0 and others_can_run_python()):
+        return False
+    probe = subprocess.run([bubblewrap(), "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True,
+                           user=NOBODY, group=NOBODY, extra_groups=[])  # fmt: skip
+    return probe.returncode == 0
+
+
+CGROUP_V1 = "/sys/fs/cgroup"  # cgroup v1: one hierarchy per controller, /sys/fs/cgroup/memory and .../pids
+SAMPLES = itertools.count()
+
+
+class SampleCgroup:
+    """The memory and process bounds of one sample, over all of its processes together (RLIMIT_AS bounds each
+    process alone; RLIMIT_NPROC counts a user's processes, and not root's): a cgroup of its own in the memory
+    and pids controllers of cgroup v1, where this process (root) may make one. `procs` lists the files a
+    process writes its pid to in order to join; `usable()` says whether there is one at all."""
+
+    def __init__(self, memory_bytes, max_processes, owner):
+        self.paths, self.procs = [], []
+        name = f"intuitor-sandbox-{os.getpid()}-{next(SAMPLES)}"
+        settings = {"memory": {"memory.limit_in_bytes": memory_bytes}, "pids": {"pids.max": max_processes}}
+        try:
+            for controller, limits in settings.items():
+                path = os.path.join(CGROUP_V1, controller, name)
+                os.mkdir(path)
+                self.paths.append(path)
+                for key, value in limits.items():
+                    with open(os.path.join(path, key), "w") as f:
+                        f.write(str(value))
+                procs = os.path.join(path, "cgroup.procs")
+                os.chown(procs, owner, -1)  # the sample's first process moves itself in, as its own user
+                self.procs.append(procs)
+        except OSError:  # no cgroup v1 here, or not root: the per-process limits alone
+            self.close()
+            self.paths, self.procs = [], []
+
+    @staticmethod
+    @functools.cache
+    def usable():
+        probe = SampleCgroup(1 << 30, 64, os.geteuid())
+        probe.close()
+        return bool(probe.procs)
+
+    def wrap(self, command):
+        """`command`, started by a shell that first moves itself into the cgroups (so every process of the sample,
+        the first one included, is counted)."""
+        if not self.procs:
+            return command
+        join = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 126; shift; done; shift; exec "$@"'
+        return ["/bin/sh", "-c", join, "sh", *self.procs, "--", *command]
+
+    def close(self):
+        """Kill whatever is left in the cgroups, then remove them."""
+        for path in reversed(self.paths):
+            for _ in range(50):
+                try:
+                    for pid in open(os.path.join(path, "cgroup.procs")).read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), 9)
+                    os.rmdir(path)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
 def isolation():
     """'bubblewrap', or 'process' (the fallback), said once in one line when it is the fallback."""
     if bubblewrap():
@@ -189,12 +261,15 @@ def interpreter_paths():
 
 def sandboxed(command, sources, env, disk_bytes):
     """`command` inside a bubblewrap sandbox: `sources` read-only at /tmp/src, and a private tmpfs of
-    `disk_bytes` at /tmp/work, its working directory and the only place it can write; the interpreter's own
-    paths under /tmp (interpreter_paths) stay visible, read-only."""
+    `disk_bytes` at /tmp/work, its working directory and the only place it can write. /tmp around it is a tmpfs
+    of 1 MiB, /dev is read-only (its device nodes still work: /dev/null takes any amount), so a sample can
+    write at most disk_bytes + 1 MiB; the interpreter's own paths under /tmp (interpreter_paths) stay
+    visible, read-only."""
     inside = env | {"HOME": "/tmp/work", "TMPDIR": "/tmp/work"}
     interpreter = [x for path in interpreter_paths() for x in ("--ro-bind", path, path)]
     return [bubblewrap(), "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-            "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", *interpreter, "--ro-bind", sources, "/tmp/src",
+            "--size", str(1 << 20), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            *interpreter, "--ro-bind", sources, "/tmp/src",
             "--size", str(disk_bytes), "--tmpfs", "/tmp/work", "--chdir", "/tmp/work",
             "--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv",
             *[x for key, value in inside.items() for x in ("--setenv", key, value)], "--", *command]  # fmt: skip
@@ -203,7 +278,9 @@ def sandboxed(command, sources, env, disk_bytes):
 def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16 << 20, disk_mb=64):
     """Run one program; never raises for anything the program does."""
     isolated = isolation() == "bubblewrap"
-    as_nobody = not isolated and os.geteuid() == 0 and others_can_run_python()
+    # a root grader runs the sample as nobody: bwrap itself when it can (its namespace then maps to nobody, not
+    # to root, so the process limit holds), the plain process in the fallback
+    as_nobody = os.geteuid() == 0 and (bubblewrap_as_nobody() if isolated else others_can_run_python())
     uid = NOBODY if as_nobody else os.geteuid()
     limits = {
         "RLIMIT_CPU": int(timeout) + 1,
@@ -213,6 +290,7 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         "RLIMIT_CORE": 0,
     }
     home = tempfile.mkdtemp(prefix="sandbox-")
+    cgroup = SampleCgroup(memory_mb << 20, max_processes + 3, uid)  # + sh, bwrap and its init
     token_read, token_write = os.pipe()
     done_read, done_write = os.pipe()
     open_fds = {token_read, token_write, done_read, done_write}
@@ -224,7 +302,9 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
 
     try:
         for name, text in (("program.py", job.source), ("tests.py", job.tests), ("stdin.txt", job.stdin)):
-            with open(os.path.join(home, name), "w") as f:
+            # a lone surrogate ('\\udcff') is written as the bytes it stands for: not UTF-8, so Python refuses
+            # the program, a failed sample; the grader goes on
+            with open(os.path.join(home, name), "w", encoding="utf-8", errors="surrogatepass") as f:
                 f.write(text)
         if as_nobody:
             for name in ("", "program.py", "tests.py", "stdin.txt"):
@@ -238,6 +318,7 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         command = [sys.executable, "-I", "-B", "-c", runner]
         if isolated:
             command = sandboxed(command, home, env, disk_mb << 20)
+        command = cgroup.wrap(command)
         start = time.perf_counter()
         with (
             open(os.path.join(home, "stdin.txt")) as stdin,
@@ -286,9 +367,12 @@ def run(job, timeout=10.0, memory_mb=2048, max_processes=32, max_output_bytes=16
         return Result(
             status == "passed", status, returncode, read("stdout.txt", max_output_bytes), stderr_text, seconds
         )
+    except (OSError, ValueError) as e:  # the grader could not set the sample up: a failed sample, never a crash
+        return Result(False, "failed", -1, "", f"sandbox: cannot run the program: {type(e).__name__}: {e}", 0.0)
     finally:
         for fd in list(open_fds):
             close(fd)
+        cgroup.close()
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from harness import sandbox, tasks
-from harness.process import check_hub, die
-from harness.tasks import extract_answer, is_correct
+from intuitor_harness import sandbox, tasks
+from intuitor_harness.process import check_hub, die
+from intuitor_harness.tasks import extract_answer, is_correct
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where data/ ships
 
@@ -32,7 +32,7 @@ class Benchmark:
     columns: tuple  # the columns a problem needs (checked in --data files)
     ask: Callable[[dict], str]  # the user turn, from a row
     grade: Literal["math", "choice", "output", "code"]  # see grade_batch
-    answer_format: str = ""  # math: "boxed" or "number" (harness.tasks.extract_answer)
+    answer_format: str = ""  # math: "boxed" or "number" (intuitor_harness.tasks.extract_answer)
     groups: tuple = ()  # columns accuracy is also broken down by
 
 
@@ -77,7 +77,7 @@ LIVECODEBENCH_FILES = [f"test{k}.jsonl" for k in ("", 2, 3, 4, 5, 6)]  # release
 LIVECODEBENCH_COLUMNS = ("question_content", "starter_code", "public_test_cases", "private_test_cases", "metadata")
 # fmt: off
 BENCHMARKS = {
-    # data/arithmetic_test.jsonl, shipped (python -m harness.tasks arithmetic data)
+    # data/arithmetic_test.jsonl, shipped (python -m intuitor_harness.tasks arithmetic data)
     "arithmetic": Benchmark("", None, ("question",), column("question"), "math", answer_format="number"),
     "gsm8k": Benchmark("openai/gsm8k", "main", ("question",), column("question"), "math", answer_format="number"),
     "math500": Benchmark("HuggingFaceH4/MATH-500", None, ("problem",), column("problem"), "math",
@@ -106,7 +106,7 @@ def load_problems(name, data="", limit=0):
     else:
         from datasets import load_dataset
 
-        check_hub(spec.hub, "--benchmark")
+        check_hub([("--benchmark", spec.hub, "dataset")])
         try:
             if name == "livecodebench":  # its JSON files (datasets >= 4 runs no loading scripts)
                 files = [f"hf://datasets/{spec.hub}/{file}" for file in LIVECODEBENCH_FILES]
@@ -129,6 +129,7 @@ def load_problems(name, data="", limit=0):
         golds = tasks.gold_answers(rows)
         if all(gold is None for gold in golds):
             die(f"--data has no gold answers (an `answer` or `solution` column) for --benchmark {name}")
+        tasks.check_every_gold(golds, source)
     elif spec.grade in ("choice", "output"):
         golds = rows["answer" if spec.grade == "choice" else "output"]
     problems = [dict(row, question=spec.ask(row), gold=gold) for row, gold in zip(rows, golds)]

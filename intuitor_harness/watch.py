@@ -9,12 +9,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from harness.process import all_reduce, die, gather
-from harness.runs import append_line, atomic_write, read_metrics, strict_json
+from intuitor_harness.process import all_reduce, die, gather
+from intuitor_harness.runs import append_line, atomic_write, read_metrics, strict_json
 
-TRAIN_KEYS = "self_certainty accuracy completion_length truncated_frac kl loss grad_norm lr".split()
-LOG_KEYS = [f"train/{key}" for key in TRAIN_KEYS] + ["perf/sample_tokens_per_s", "perf/sample_s", "perf/reward_s",
-                                                     "perf/update_s"]  # fmt: skip
+# The console's step line (under 120 columns): a few numbers, each under a short name; metrics.jsonl has them all.
+STEP_LINE = {"train/self_certainty": "SC", "train/accuracy": "acc", "train/completion_length": "len",
+             "train/kl": "kl", "train/loss": "loss", "train/grad_norm": "grad", "train/lr": "lr"}  # fmt: skip
 
 
 def mann_whitney(x, y):
@@ -101,6 +101,12 @@ class HackingAlarm:
         self.length_jump, self.repetition_jump = length_jump, repetition_jump
         self.accuracy_drop, self.entropy_floor = accuracy_drop, entropy_floor
 
+    def resume(self, records):
+        """A resumed run's alarm continues from the records it kept, as if it had never stopped: its windows and
+        its first steps' entropy are the uninterrupted run's."""
+        self.history = list(records)
+        self.flags = [0] + [int(r.get("monitor/alarm", 0) == 1) for r in records]
+
     def check(self, record):
         self.history.append(record)
         flag, message = self.signature(record)
@@ -151,7 +157,8 @@ class Watcher:
             has_gold,
             num_generations,
         )
-        self.alarm = HackingAlarm()
+        self.alarm, self.warned_equal = HackingAlarm(), False
+        self.alarm.resume(read_metrics(metrics_path))  # the kept records (empty for a new run)
         self.tracker = make_logger(report_to, output_dir, config, run_name) if rank == 0 else None
 
     def record(self, step, rollouts, rewards, update, lr, timings):
@@ -162,7 +169,11 @@ class Watcher:
             return
         log_step(self.metrics_path, record, self.max_steps, self.tracker)
         if warning:
-            print(warning, flush=True)
+            say(warning)
+        if record["monitor/equal_reward_groups"] > 1 - 1e-6 and not self.warned_equal:  # once per run
+            self.warned_equal = True
+            say(f"warning: step {step}: every group's rewards were equal, so the step learned nothing (a reward that "
+                "did not vary, or identical completions: raise --temperature, --top_p or --top_k)")  # fmt: skip
         if self.log_completions_steps and (step == 1 or step % self.log_completions_steps == 0):
             show_completion(self.tokenizer, rollouts[0])
 
@@ -170,7 +181,7 @@ class Watcher:
         """The run's last line: its final checkpoint (None: --final_checkpoint false) and the plot command."""
         if self.rank == 0:
             kept = final_checkpoint or "no checkpoint at the end (--final_checkpoint false)"
-            print(f"done: {kept}; curves: python intuitor.py plot {self.metrics_path}", flush=True)
+            say(f"done: {kept}; curves: python intuitor.py plot {self.metrics_path}")
 
 
 def make_logger(report_to, output_dir, config, run_name="intuitor"):
@@ -203,6 +214,14 @@ def make_logger(report_to, output_dir, config, run_name="intuitor"):
     return None
 
 
+def say(line):
+    """A line on stdout that never lands inside a live progress bar (tqdm.write clears and redraws the bars)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def progress_bars(rank=0):
     """Progress bars only on an interactive terminal (rank 0): in a log file their carriage returns garble lines."""
 
@@ -210,11 +229,12 @@ def progress_bars(rank=0):
 
 
 def quiet_libraries():
-    """In a log file (stderr not a terminal, as with `> log 2>&1`): no progress bar from any library (datasets'
-    "Generating train split", the GGUF conversion, "Loading weights", "Writing model shards"). They all draw with
-    tqdm, so its default becomes disable=True; the project's own bars pass `disable` explicitly."""
-    if sys.stderr.isatty():
-        return
+    """No progress bar from any library (datasets' "Generating train split", the GGUF conversion, "Loading
+    weights", "Writing model shards"): in a log file their carriage returns garble lines, and on a terminal they
+    repeat at every load and checkpoint. They all draw with tqdm, so its default becomes disable=True; the
+    project's own bars pass `disable` explicitly. A closed stdout or stderr (`| head`, a `tee` that died) ends
+    no run: their writes are dropped from then on (survive_closed_pipe)."""
+    survive_closed_pipe()
     import functools
 
     import tqdm.std
@@ -224,32 +244,76 @@ def quiet_libraries():
         tqdm.std.tqdm.quieted = True
 
 
+class ClosedPipeSafe(io.TextIOBase):
+    """A stream that drops its writes once its reader has gone (BrokenPipeError), instead of raising them."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.gone = True
+        return len(text)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.gone = True
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return self.stream.encoding
+
+
+def survive_closed_pipe():
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), ClosedPipeSafe):
+            setattr(sys, name, ClosedPipeSafe(getattr(sys, name)))
+
+
+def step_line(record, max_steps):
+    """'step 3/40 | SC 8.15 | acc 0.25 | len 13.2 | kl 0.0012 | loss 0.0066 | grad 0.66 | lr 4.1e-05 | 25 s'."""
+    shown = [f"{short} {record[key]:.3g}" for key, short in STEP_LINE.items() if key in record]
+    seconds = sum(record.get(f"perf/{phase}_s", 0.0) for phase in ("sample", "reward", "update"))
+    return " | ".join([f"step {record['step']}/{max_steps}", *shown, f"{seconds:.0f} s"])
+
+
 def log_step(path, record, max_steps, logger=None):
     """Append the step's record to metrics.jsonl (and the tracker), print its main numbers on one line."""
     append_line(path, strict_json(record) + "\n")
     if logger is not None:
         logger(record)
-    shown = " | ".join(f"{key.split('/')[-1]} {record[key]:.4g}" for key in LOG_KEYS if key in record)
-    print(f"step {record['step']}/{max_steps} | {shown}", flush=True)
+    say(step_line(record, max_steps))
 
 
 def show_completion(tokenizer, rollout):
     text = tokenizer.decode(rollout.completion)[:1000]
-    print(f"--- sample completion (self-certainty {rollout.self_certainty:.3f}) ---\n{text}\n---", flush=True)
+    say(f"--- sample completion (self-certainty {rollout.self_certainty:.3f}) ---\n{text}\n---")
 
 
-PANELS = [
-    ("self-certainty", ["train/self_certainty", "train/reward/self_certainty"]),
-    ("completion length (tokens)", ["train/completion_length", "train/completion_length_max"]),
-    ("KL to initial model", ["train/kl"]),
-    ("accuracy (monitor)", ["train/accuracy", "monitor/most_certain_accuracy"]),
-    ("token entropy (nats)", ["monitor/entropy"]),
-    ("repeated 4-grams", ["monitor/repeated_4gram_frac"]),
-    ("self-certainty vs correct: AUROC", ["monitor/certainty_auroc"]),
+PANELS = [  # (title, y-axis label, keys)
+    ("self-certainty", "SC (nats)", ["train/self_certainty", "train/reward/self_certainty"]),
+    ("completion length", "tokens", ["train/completion_length", "train/completion_length_max"]),
+    ("KL to initial model", "KL (nats)", ["train/kl"]),
+    ("accuracy (monitor)", "fraction correct", ["train/accuracy", "monitor/most_certain_accuracy"]),
+    ("token entropy", "nats", ["monitor/entropy"]),
+    ("repeated 4-grams", "fraction", ["monitor/repeated_4gram_frac"]),
+    ("self-certainty vs correct", "AUROC", ["monitor/certainty_auroc"]),
 ]
 
 
-PLOT_USAGE = "python intuitor.py plot RUN/metrics.jsonl [MORE/metrics.jsonl ...] [OUT.png] [--force]"
+PLOT_USAGE = "python intuitor.py plot RUN [MORE ...] [OUT.png] [--force] (RUN: a run's folder or its metrics.jsonl)"
 
 
 def tracked_by_git(path):
@@ -274,11 +338,17 @@ def plot_metrics(*argv):
     """One PNG of training curves (paper Fig. 3 / Fig. 7): self-certainty, completion length, KL, accuracy.
     One run: every logged variant of each; several runs: one line per run, so methods can be compared. The
     default OUT is the first run's metrics.png; a file tracked by git is overwritten only with --force."""
-    paths = [a for a in argv if a.endswith(".jsonl")]
-    outs = [a for a in argv if a.endswith(".png")]
-    if not paths or len(outs) > 1 or len(paths) + len(outs) + ("--force" in argv) != len(argv):
+    if set(argv) & {"-h", "--help"}:
         print(f"usage: {PLOT_USAGE}")
-        raise SystemExit(0 if set(argv) & {"-h", "--help"} else 2)
+        raise SystemExit(0)
+    outs = [a for a in argv if a.lower().endswith(".png")]
+    runs_given = [a for a in argv if a not in outs and a != "--force"]
+    paths = [os.path.join(a, "metrics.jsonl") if os.path.isdir(a) else a for a in runs_given]
+    if not paths or len(outs) > 1:
+        die(f"plot: pass one or more runs and at most one OUT.png: {PLOT_USAGE}")
+    unknown = [a for a in runs_given if not a.endswith(".jsonl") and not os.path.isdir(a)]
+    if unknown:
+        die(f"plot: {unknown[0]!r} is neither a run's folder nor a metrics.jsonl: {PLOT_USAGE}")
     try:
         import matplotlib
 
@@ -301,27 +371,38 @@ def plot_metrics(*argv):
         bad = next((k for r in records for k, v in r.items() if not isinstance(v, (int, float))), None)
         if bad is not None:
             die(f"{path}: {bad!r} holds a value that is not a number; repair the file or pass another run")
-    logged = [(title, [k for k in keys if any(k in r for rs in runs.values() for r in rs)]) for title, keys in PANELS]
-    panels = [(title, keys if len(runs) == 1 else keys[:1]) for title, keys in logged if keys]
+
+    def has_values(key):  # a key whose values are all null (NaN) was not measured: no panel for it
+        return any(key in r and math.isfinite(r[key]) for rs in runs.values() for r in rs)
+
+    logged = [(title, label, [k for k in keys if has_values(k)]) for title, label, keys in PANELS]
+    panels = [(title, label, keys if len(runs) == 1 else keys[:1]) for title, label, keys in logged if keys]
     if not panels:
-        known = ", ".join(k for _, keys in PANELS for k in keys)
+        known = ", ".join(k for _, _, keys in PANELS for k in keys)
         die(f"{', '.join(paths)}: none of the plotted metrics is logged ({known}); pass metrics.jsonl of intuitor.py")
     rows, cols = (len(panels) + 3) // 4, min(len(panels), 4)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (title, keys) in zip(axes.flat, panels):
+    from matplotlib.ticker import MaxNLocator
+
+    short = max(len(records) for records in runs.values()) <= 30  # few points: each one marked
+    for ax, (title, label, keys) in zip(axes.flat, panels):
         for name, records in runs.items():
-            for key in keys:
+            for style, key in zip(("-", "--", ":"), keys):  # a second key's line stays visible over the first
                 own = [(r[key], r["train/self_certainty"]) for r in records if key in r and "train/self_certainty" in r]
                 online = bool(own) and all(abs(a - b) < 1e-4 for a, b in own)
                 if key == "train/reward/self_certainty" and online:
                     continue  # the reward is the policy's own SC, already drawn
                 steps, values = [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
-                ax.plot(steps, values, label=key.split("/", 1)[1] if len(runs) == 1 else name)
+                ax.plot(steps, values, style, marker="o" if short else None, markersize=3,
+                        label=key.split("/", 1)[1] if len(runs) == 1 else name)  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
+    fig.suptitle(", ".join(runs))
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

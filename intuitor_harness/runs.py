@@ -1,18 +1,21 @@
 """A run's directory: one run per directory and its lock, trusted checkpoints, resume, metrics.jsonl."""
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import resource
 import shutil
+import signal
 import sys
 from contextlib import suppress
 
 import torch
 
-from harness import process
-from harness.process import die
+from intuitor_harness import process
+from intuitor_harness.process import die
 
 # Flags that --resume may change: they do not change what the run computes. --max_steps is not one of them: it
 # sets the length of the cosine schedule, so a resumed run with another --max_steps would train on another one.
@@ -49,12 +52,13 @@ class RunDirectory:
     def check(self):
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             die(f"--output_dir {self.path!r} is a file; pass a directory")
-        if not os.path.exists(self.path):  # can it be made? made and removed again, so nothing is left
-            try:
-                os.makedirs(self.path)
-                os.removedirs(self.path)
-            except OSError as e:
-                die(f"--output_dir {self.path!r} cannot be created ({e.strerror}); pass another directory")
+        if not os.path.exists(self.path):  # can it be made? asked of its nearest existing parent, nothing made
+            parent = os.path.dirname(os.path.abspath(self.path))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                die(f"--output_dir {self.path!r} cannot be created ({parent} is not a writable directory); pass "
+                    "another directory")  # fmt: skip
         elif not os.access(self.path, os.W_OK):
             die(f"--output_dir {self.path!r} is not writable; pass another directory")
         if os.path.isdir(self.path):
@@ -62,7 +66,8 @@ class RunDirectory:
             self.check_no_earlier_run()
 
     def check_no_earlier_run(self):
-        earlier = checkpoints(self.path) or os.path.exists(self.metrics_path)
+        # an empty metrics.jsonl (a run that stopped before its first step) holds nothing to keep
+        earlier = checkpoints(self.path) or (os.path.exists(self.metrics_path) and os.path.getsize(self.metrics_path))
         if earlier and not (self.resume or self.overwrite):
             die(
                 f"--output_dir {self.path!r} holds an earlier run; pass --resume to continue it, "
@@ -83,7 +88,13 @@ class RunDirectory:
             path, state = newest_readable_checkpoint(self.path, report=self.rank == 0)
         if state is not None:
             check_same_run(state["args"], args, MAY_CHANGE_ON_RESUME)
-        read_metrics(self.metrics_path)  # a damaged line stops the run now, before any model loads
+        records = read_metrics(self.metrics_path)  # a damaged line stops the run now, before any model loads
+        if state is None and records:  # nothing to continue from, and starting over would replace the records
+            die(f"--resume: {self.path!r} holds {plural(len(records), 'step record')} but no checkpoint (a run with "
+                "--save_steps 0 and --final_checkpoint false, or one stopped before its first checkpoint), so it "
+                "cannot continue; pass --overwrite_output_dir to start it again, or another --output_dir")  # fmt: skip
+        if state is None and self.rank == 0:
+            print(f"--resume: no checkpoint in {self.path!r} yet: starting at step 0", flush=True)
         return path, state
 
     def open(self, start_step):
@@ -250,9 +261,18 @@ def free_space(path):
 
 
 def cannot_write(path, error, then):
-    """One line for a write that failed: what, why (the disk's free space), what is intact, what to do."""
+    """One line for a write that failed: what, why (the disk's free space, or the process's file-size limit),
+    what is intact, what to do."""
     reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:200]
+    if getattr(error, "errno", None) == errno.EFBIG:  # the disk has room: `ulimit -f` is below the file's size
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        die(f"cannot write {path} (File too large: this process may write files of at most {limit / 1e9:.2g} GB, "
+            f"ulimit -f); {then.replace('free space', 'raise the limit (ulimit -f unlimited)')}")  # fmt: skip
     die(f"cannot write {path} ({reason}; {free_space(path)}); {then}")
+
+
+def plural(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def atomic_write(path, data, then="the previous file is intact; free space or pass another path"):
@@ -290,6 +310,7 @@ def append_line(path, line):
 # ----------------------------------------------------------------------------- what a run was started on
 SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of a file
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt")
+DATA_FILES = (".jsonl", ".parquet", ".arrow", ".csv")  # a --dataset folder's files
 
 
 def file_fingerprint(path):
@@ -311,7 +332,7 @@ def fingerprint(source):
         return {os.path.basename(source): file_fingerprint(source)}
     if not os.path.isdir(source):
         return None
-    names = sorted(n for n in os.listdir(source) if n.endswith(WEIGHT_FILES) and not n.startswith("."))
+    names = sorted(n for n in os.listdir(source) if n.endswith(WEIGHT_FILES + DATA_FILES) and not n.startswith("."))
     return {n: file_fingerprint(os.path.join(source, n)) for n in names if os.path.isfile(os.path.join(source, n))}
 
 
@@ -336,6 +357,19 @@ def check_same_inputs(state, inputs, checkpoint):
             f"restore the files, or start a new run from {checkpoint} with --model {checkpoint}")  # fmt: skip
 
 
+def interrupt_once():
+    """The first Ctrl-C interrupts (KeyboardInterrupt); a second one would land inside the cleanup and print
+    'Exception ignored ... KeyboardInterrupt' tracebacks, so from then on Ctrl-C is ignored (Ctrl-\\ and kill
+    still end the process). A process started with Ctrl-C ignored (in the background) keeps ignoring it."""
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, first)
+
+
 def interrupted(output_dir):
     """Ctrl-C: one line saying what the run kept and how to continue it (rank 0), exit status 130."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -343,10 +377,13 @@ def interrupted(output_dir):
         metrics, steps = os.path.join(output_dir, "metrics.jsonl"), 0
         with suppress(OSError, UnicodeDecodeError):
             steps = len(open(metrics, encoding="utf-8").read().splitlines()) if os.path.exists(metrics) else 0
-        if not kept and not os.path.exists(metrics):
+        if not kept and not steps:
             said = "nothing was written yet; run the same command again"
+        elif not kept:
+            said = (f"{plural(steps, 'step record')} in {metrics} and no checkpoint yet, so the run cannot continue; "
+                    "run the same command with --overwrite_output_dir to start it again")  # fmt: skip
         else:
-            last = f"{kept[-1]} (the newest checkpoint)" if kept else "no checkpoint yet"
-            said = f"kept {last} and {steps} step records in {metrics}; continue with the same command and --resume"
+            said = (f"kept {kept[-1]} (the newest checkpoint) and {plural(steps, 'step record')} in {metrics}; "
+                    "continue with the same command and --resume")  # fmt: skip
         print(f"interrupted: {said}", file=sys.stderr, flush=True)
     raise SystemExit(130)

@@ -4,8 +4,10 @@ Bad input ends in `die`: one `error:` line naming the fix, before any model load
 """
 
 import argparse
+import copy
 import math
 import os
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
@@ -19,15 +21,43 @@ def die(msg):
     raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
-def parse_flags(dataclass_type, argv, epilog=None):
-    """Command-line flags into the dataclass; an unknown or malformed flag is one error line, not a traceback."""
+def parse_flags(dataclass_type, argv, epilog=None, registries=None):
+    """Command-line flags into the dataclass; an unknown or malformed flag is one error line, not a traceback.
+
+    --help shows each flag once (snake_case; the kebab-case spelling is accepted too), in the groups its
+    field's metadata names, and for a flag in `registries` (flag -> registry) the registry's names, read
+    when --help runs, so that an entry a fork adds is listed."""
     from transformers import HfArgumentParser
 
     class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" after a required flag
         def _get_help_string(self, action):
             return action.help if action.default in (None, "") else super()._get_help_string(action)
 
-    parser = HfArgumentParser(dataclass_type, formatter_class=Help, epilog=epilog)
+        def _format_action_invocation(self, action):  # --flag VALUE, not --flag VALUE, --flag-name VALUE
+            if not action.option_strings:
+                return super()._format_action_invocation(action)
+            value = f" {self._format_args(action, action.dest.upper())}" if action.nargs != 0 else ""
+            return ", ".join(s for s in action.option_strings if "-" not in s[2:]) + value
+
+    class Parser(HfArgumentParser):  # each flag in the --help group its field's metadata names
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            field = copy.copy(field)
+            metadata = dict(field.metadata)
+            group = metadata.pop("group", None)
+            field.metadata = types.MappingProxyType(metadata)
+            if group is not None:
+                parser = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+    groups = {}
+    parser = Parser(dataclass_type, formatter_class=Help, epilog=epilog)
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):  # HfArgumentParser's negation
+            flag = action.option_strings[0].replace("--no_", "--", 1)
+            action.help, action.default = f"the same as {flag} false", None  # no "(default: False)" beside it
+        if action.dest in (registries or {}):
+            action.help = f"{action.help}; one of: {', '.join(registries[action.dest])}"
 
     def usage_error(message):
         die(f"{message}; run with --help to list the flags")
@@ -54,7 +84,16 @@ def check_train_args(args, rt):
             f"--generation_batch_size ({a.generation_batch_size}) must be a multiple of --num_generations (0 = all)",
         ),
         (0 < a.temperature < inf, "--temperature must be a number > 0 (GRPO needs distinct samples per group)"),
-        (a.top_k >= 0, "--top_k must be >= 0 (0 = every token)"),
+        (
+            a.top_k >= 0 and a.top_k != 1,
+            "--top_k must be 0 (every token) or >= 2: 1 makes every completion of a "
+            "group the same, so nothing would be learned",
+        ),  # fmt: skip
+        (0 <= a.seed < 2**62, "--seed must be in [0, 2**62)"),
+        (
+            0 <= a.sequence_epsilon < 1 and 0 <= a.sequence_epsilon_high < inf,
+            "--sequence_epsilon must be in [0, 1), --sequence_epsilon_high >= 0",
+        ),  # fmt: skip
         (0 < a.top_p <= 1, "--top_p must be in (0, 1]: 0 would make every completion of a group the same"),
         (0 < a.learning_rate < inf, "--learning_rate must be a number > 0"),
         (0 <= a.beta < inf, "--beta must be a number >= 0 (0 skips the reference model)"),
@@ -92,7 +131,23 @@ def check_train_args(args, rt):
             die(message)
     if (a.resume or a.resume_from_checkpoint) and a.overwrite_output_dir:
         die("--resume and --overwrite_output_dir contradict each other; pass one")
+    check_tracker(a.report_to)
     check_device(a.device)
+
+
+def check_tracker(report_to):
+    """--report_to needs its package, and wandb a login (or offline mode), before anything loads."""
+    import importlib.util
+
+    if report_to != "none" and importlib.util.find_spec(report_to if report_to == "wandb" else "tensorboard") is None:
+        die(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}, or pass "
+            "--report_to none (metrics.jsonl is always written)")  # fmt: skip
+    if report_to == "wandb" and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+        logged_in = os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, errors="replace").read()
+        if not (os.environ.get("WANDB_API_KEY") or logged_in):
+            die("--report_to wandb: no wandb login here; run `wandb login`, set WANDB_API_KEY, or set "
+                "WANDB_MODE=offline to log locally")  # fmt: skip
 
 
 def check_device(device):
@@ -199,14 +254,21 @@ def model_source(name):
     elif not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         die(f"--model {name!r}: no such file or directory; pass a hub id, a local model directory or a .gguf file")
     elif not os.path.exists(name):
-        check_hub(name, "--model")
+        check_hub([("--model", name, "model")])
+    elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        steps = sorted(n for n in os.listdir(name) if n.startswith("checkpoint-"))
+        if steps:  # a training run's folder: its checkpoints are the models
+            die(f"--model {name!r} is a training run's folder, not a model; pass one of its checkpoints, such as "
+                f"{os.path.join(name, steps[-1])!r}")  # fmt: skip
     return name, kwargs
 
 
 def cannot_load(name, error):
+    """A model that is there (a local path, or cached) but cannot be read: damaged, incomplete or not a model."""
     reason = (str(error).splitlines() or [type(error).__name__])[0]
-    die(f"cannot load --model {name!r} ({type(error).__name__}: {reason}); pass a hub id, a model directory or a "
-        ".gguf file, and re-download it if it is damaged")  # fmt: skip
+    fix = "copy it again" if os.path.exists(name) else "download it again (it is in the local cache)"
+    die(f"cannot load --model {name!r} ({type(error).__name__}: {reason}); if it is damaged or incomplete, {fix}; "
+        "else pass a hub id, a model folder or a .gguf file")  # fmt: skip
 
 
 def load_tokenizer(name):
@@ -288,13 +350,40 @@ def hub_reachable():
         return False
 
 
-def check_hub(name, flag):
-    """A hub id needs the hub, or the local cache in offline mode: fail in seconds, not after minutes of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
-        die(
-            f"{flag} {name!r}: the Hugging Face hub is unreachable; set HF_HUB_OFFLINE=1 to use the local cache, "
-            "or pass a local path"
-        )
+def in_hub_cache(name, repo_type="model"):
+    """Whether a hub id's files are in the local cache (what HF_HUB_OFFLINE=1 can load)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(name, repo_type=repo_type, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not cached, in whatever way the hub library says so
+        return False
+
+
+def check_hub(inputs):
+    """Hub ids need the hub, or their files in the local cache: one line for all of them, in seconds, naming what
+    to do (docs/data.md makes local copies) instead of minutes of retries. `inputs`: (flag, name, repo type) of
+    each input that is not a local path."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    if not inputs or (not offline and hub_reachable()):
+        return
+    missing = [(flag, name) for flag, name, kind in inputs if not in_hub_cache(name, kind)]
+    if not missing:
+        if not offline:  # all cached: say how to use the cache
+            names = " and ".join(f"{flag} {name!r}" for flag, name, _ in inputs)
+            die(f"the Hugging Face hub is unreachable; {names} are in the local cache: set HF_HUB_OFFLINE=1 to use it")
+        return
+    names = " and ".join(f"{flag} {name!r}" for flag, name in missing)
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+    die(f"{why} and {names} {'is' if len(missing) == 1 else 'are'} not in the local cache: pass local copies instead "
+        "(a model folder or .gguf file; a dataset .jsonl: docs/data.md shows how to make them where the hub is "
+        "reachable)")  # fmt: skip
+
+
+def hub_id(name):
+    """Whether --model or --dataset names a hub repository rather than a local path."""
+    return not os.path.exists(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 # ----------------------------------------------------------------------------- memory plan
@@ -381,8 +470,11 @@ def check_memory(plan, rt):
         where = "this machine's memory"
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / rt.world_size / 2**30
     if rt.rank == 0:
+        import textwrap
+
         parts = ", ".join(f"{key} {value:.1f}" for key, value in plan.items() if key != "peak")
-        print(f"memory plan per rank, GiB: {parts}; peak {plan['peak']:.1f} of {capacity:.1f} ({where})", flush=True)
+        print(f"memory plan per rank: peak {plan['peak']:.1f} GiB of {capacity:.1f} ({where}), in GiB:", flush=True)
+        print(textwrap.fill(parts, 118, initial_indent="  ", subsequent_indent="  "), flush=True)
     if plan["peak"] > capacity:
         die(
             f"the memory plan ({plan['peak']:.1f} GiB per rank) exceeds {where} ({capacity:.1f} GiB): lower "

@@ -1,9 +1,10 @@
 """Questions and their answers: datasets, final-answer extraction and grading, plurality votes, the arithmetic task.
 
 The GRPO / GRPO-PV rewards and every math benchmark grade with the same functions; INTUITOR never reads a gold answer.
-    python -m harness.tasks arithmetic data     # writes data/arithmetic_{train,test}.jsonl
+    python -m intuitor_harness.tasks arithmetic data     # writes data/arithmetic_{train,test}.jsonl
 """
 
+import itertools
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import re
 import sys
 from collections import Counter
 
-from harness.process import check_hub, die
+from intuitor_harness.process import check_hub, die
 
 # ----------------------------------------------------------------------------- questions
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -27,7 +28,7 @@ def load_rows(path, split, flag="--dataset", config=""):
     if local and not os.path.isfile(path):
         die(f"{flag} {path!r}: no such file")
     if not local:
-        check_hub(path, flag)
+        check_hub([(flag, path, "dataset")])
     if local == "json":
         check_utf8(path, flag)
     try:
@@ -86,11 +87,22 @@ def load_questions(path, split, prompt_column, answer_column="", need_gold=False
     golds = gold_answers(rows, answer_column)
     if need_gold and all(gold is None for gold in golds):
         die(f"{flag} {path!r} has no gold answers (an `answer` or `solution` column); pass --answer_column")
+    if need_gold:
+        check_every_gold(golds, f"{flag} {path!r}")
     return rows, questions, golds
 
 
+def check_every_gold(golds, source):
+    """Gold answers that are read must all be there: a row whose gold is null would be graded wrong forever."""
+    missing = [i for i, gold in enumerate(golds) if gold is None]
+    if missing:
+        rows = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        die(f"{source}: row(s) {rows} (counted from 0) have no gold answer (null or empty); remove them or fill "
+            "them in")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- answers
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?")  # 1,234.5; a comma after the number is not part of it
 
 
 def last_boxed_span(text):
@@ -126,6 +138,19 @@ def answer_span(completion, answer_format):
     return numbers[-1].span() if numbers else None
 
 
+def answer_token_span(tokenizer, completion, answer_format):
+    """[start, end) token indices of the completion's final answer (answer_span: the last \\boxed{} content, or
+    the last number with answer_format "number"), or None. The text is decoded one token at a time so that
+    character offsets map back to tokens; a token counts when any of its characters falls inside the answer."""
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in completion]
+    span = answer_span("".join(pieces), answer_format)
+    if span is None:
+        return None
+    ends = list(itertools.accumulate(map(len, pieces)))  # each token's end offset in the text
+    inside = [k for k, (end, piece) in enumerate(zip(ends, pieces)) if end - len(piece) < span[1] and end > span[0]]
+    return (inside[0], inside[-1] + 1) if inside else None
+
+
 def extract_answer(completion, answer_format):
     """The prediction: the last \\boxed{} answer; with answer_format "number" (GSM8K-style), else the last
     number of the completion. None when there is no answer."""
@@ -138,7 +163,9 @@ def extract_answer(completion, answer_format):
 
 def gold_answer(value, column):
     """A gold answer from its column: the text after '####' (GSM8K), the last \\boxed{} of a `solution`,
-    else the value itself."""
+    else the value itself; None for a missing one (JSON null, an empty string)."""
+    if value is None or not str(value).strip():
+        return None
     value = str(value)
     if "####" in value:
         return value.split("####")[-1].strip().replace(",", "")
@@ -164,11 +191,23 @@ def infer_answer_format(rows, column="", answer_format="auto"):
     return "number" if column and any("####" in str(v) for v in rows[column][:100]) else "boxed"
 
 
+LATEX_ARGUMENT = r"(\{[^{}]*\}|\\[a-zA-Z]+|[0-9a-zA-Z])"  # {...}, a command (\pi) or one character
+FRACTION = re.compile(r"\\([dt]?frac)\s*" + LATEX_ARGUMENT + r"\s*" + LATEX_ARGUMENT)
+ROOT = re.compile(r"\\sqrt\s*(\\[a-zA-Z]+|[0-9a-zA-Z])")
+
+
+def braced(argument):
+    return argument if argument.startswith("{") else "{" + argument + "}"
+
+
 def in_math_mode(latex):
     """An answer as math-verify reads it: an escaped dollar (\\$, a currency sign, as in MATH's \\$18.90) and
-    \\! (a negative thin space, as in 32,\\!348) are dropped, so the bare value is compared; text that is not
-    already between $ delimiters is put between them."""
+    \\! (a negative thin space, as in 32,\\!348) are dropped, so the bare value is compared; brace-less
+    arguments get their braces (\\frac \\pi4 -> \\frac{\\pi}{4}, \\sqrt2 -> \\sqrt{2}), which math-verify would
+    otherwise misread; text that is not already between $ delimiters is put between them."""
     latex = latex.replace("\\$", "").replace("\\!", "")
+    latex = FRACTION.sub(lambda m: f"\\{m[1]}{braced(m[2])}{braced(m[3])}", latex)
+    latex = ROOT.sub(lambda m: f"\\sqrt{{{m[1]}}}", latex)
     return latex if "$" in latex else f"${latex}$"
 
 
@@ -256,9 +295,9 @@ def arithmetic_splits(n_test=300, seed=0):
     return rows[n_test:], rows[:n_test]
 
 
-if __name__ == "__main__":  # python -m harness.tasks arithmetic DIR: writes DIR/arithmetic_{train,test}.jsonl
+if __name__ == "__main__":  # python -m intuitor_harness.tasks arithmetic DIR: writes DIR/arithmetic_{train,test}.jsonl
     if sys.argv[1:2] != ["arithmetic"] or len(sys.argv) != 3:
-        die("usage: python -m harness.tasks arithmetic OUTPUT_DIR")
+        die("usage: python -m intuitor_harness.tasks arithmetic OUTPUT_DIR")
     os.makedirs(sys.argv[2], exist_ok=True)
     for name, split in zip(("train", "test"), arithmetic_splits()):
         with open(os.path.join(sys.argv[2], f"arithmetic_{name}.jsonl"), "w") as f:
