@@ -42,7 +42,15 @@ ORDER = [
     "token_sc",
     "mean_logprob",
     "answer_sc",
+    "plain_grpo",
+    "plain_grpo_seed43",
+    "plain_grpo_seed44",
+    "plain_intuitor",
+    "plain_intuitor_seed43",
+    "plain_intuitor_seed44",
 ]
+PLAIN_SEEDS = {"plain_grpo": ["plain_grpo", "plain_grpo_seed43", "plain_grpo_seed44"],
+               "plain_intuitor": ["plain_intuitor", "plain_intuitor_seed43", "plain_intuitor_seed44"]}  # fmt: skip
 
 
 def evaluation(path):
@@ -52,12 +60,17 @@ def evaluation(path):
 
 
 def collect(folder):
-    """{run: {"evals": {step: (correct, summary)}, "metrics": [records]}} for every run with records."""
+    """{run: {"evals": {step: (correct, summary)}, "metrics": [records]}} for every run with records. Step 0 is
+    the base model in the run's own prompt format: plain_* runs (--prompt_format plain) start from
+    plain_base.eval.jsonl in `folder`, the others from docs/table1/base.eval.jsonl."""
     base = evaluation(BASE)
+    plain = os.path.join(folder, "plain_base.eval.jsonl")
+    plain_base = evaluation(plain) if os.path.isfile(plain) else None
     runs = {}
     for path in glob.glob(os.path.join(folder, "*.step*.eval.jsonl")):
         name, step = re.fullmatch(r"(.+)\.step(\d+)\.eval\.jsonl", os.path.basename(path)).groups()
-        runs.setdefault(name, {"evals": {0: base}, "metrics": []})["evals"][int(step)] = evaluation(path)
+        start = plain_base if name.startswith("plain_") else base
+        runs.setdefault(name, {"evals": {0: start}, "metrics": []})["evals"][int(step)] = evaluation(path)
     for name, run in runs.items():
         kept, live = os.path.join(folder, f"{name}.metrics.jsonl"), os.path.join(folder, name, "metrics.jsonl")
         run["metrics"] = next((read_metrics(p) for p in (kept, live) if os.path.isfile(p)), [])
@@ -89,11 +102,13 @@ def detail_table(runs, names):
             )
 
 
-def seeds_table(runs):
+def seeds_table(runs, seeds=None):
     """Per seed the accuracy at steps 20 and 40 with its McNemar p against the base; then mean ± sample SD."""
     print("| method | step | seed 42 | seed 43 | seed 44 | mean ± SD over seeds |")
     print("|---|---|---|---|---|---|")
-    for method, names in SEEDS.items():
+    for method, names in (seeds or SEEDS).items():
+        if not any(n in runs for n in names):
+            continue
         for step in (20, 40):
             cells, values = [], []
             for n in names:
@@ -136,6 +151,24 @@ def training_table(runs, names):
                 values = [r[key] for r in window if not math.isnan(r.get(key, math.nan))]  # null reads as NaN
                 cells.append(f"{statistics.mean(values):.{digits}f}" if values else "")
             print(f"| {name} | {lo}-{hi} | " + " | ".join(cells) + " |")
+
+
+def plain_table(runs):
+    """The base-like regime (--prompt_format plain), each checkpoint against the base in the same format:
+    accuracy, the paired test, how often an answer could be extracted at all, and completion length."""
+    print("| run | step | held-out accuracy [95% CI] | vs base: b / c, p | answer found | mean length | truncated |")
+    print("|---|---|---|---|---|---|---|")
+    names = [n for n in runs if n.startswith("plain_")]
+    for i, name in enumerate(names):
+        for step, (correct, s) in sorted(runs[name]["evals"].items()):
+            if step == 0 and i > 0:
+                continue  # the base, once
+            test = mcnemar_exact(runs[name]["evals"][0][0], correct)
+            paired = "–" if step == 0 else f"{test['only_before']} / {test['only_after']}, {test['p_value']:.2g}"
+            lo, hi = s["accuracy_ci95"]
+            label = "plain_base" if step == 0 else name
+            print(f"| {label} | {step} | {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {paired} | "
+                  f"{s['answer_found_frac']:.3f} | {s['mean_length']:.1f} | {s['truncated_frac']:.2f} |")  # fmt: skip
 
 
 def wall_times(runs, folder):
@@ -223,6 +256,13 @@ def main(argv):
     detail_table(runs, single)
     print("\n### Training metrics, mean over 10 steps\n")
     training_table(runs, [n for n in single if n != "grpo"])
+    if any(n.startswith("plain_") for n in runs):
+        print("\n### The base-like regime (--prompt_format plain), against the base in the same format\n")
+        plain_table(runs)
+        print()
+        seeds_table(runs, PLAIN_SEEDS)
+        print()
+        training_table(runs, [n for n in ("plain_grpo", "plain_intuitor") if n in runs])
     print("\n### Wall times\n")
     wall_times(runs, folder)
     if out:

@@ -4,7 +4,10 @@ that grade unboxed numeric answers when the gold answers are GSM8K-style."""
 import json
 import os
 
+import pytest
+import torch
 from conftest import ROOT
+from test_runs import script
 
 import intuitor as I
 from intuitor_harness import tasks
@@ -59,3 +62,40 @@ def test_the_arithmetic_benchmark_finds_its_shipped_file_from_anywhere(tmp_path,
 
     monkeypatch.chdir(tmp_path)  # data/ is found beside intuitor_harness/, not in the working directory
     assert len(benchmarks.load_problems("arithmetic")) == 300
+
+
+# ----------------------------------------------------------------------------- the plain (base-like) prompt format
+def test_plain_prompt_format_renders_text_without_the_template(tokenizer):
+    text = I.render_prompt(tokenizer, "What is 2 + 3?", "Think step by step.", "plain")
+    assert text == "Think step by step.\n\nQuestion: What is 2 + 3?\nAnswer:"
+    assert I.render_prompt(tokenizer, "What is 2 + 3?", "", "plain") == "Question: What is 2 + 3?\nAnswer:"
+    assert "<|im_start|>" in I.render_prompt(tokenizer, "What is 2 + 3?", "Think.", "chat")  # the default
+
+
+def test_plain_completions_stop_after_the_stop_string(tokenizer):
+    ids = tokenizer(" 2 + 3 = 5.\n\nQuestion: What is 7 * 6?", add_special_tokens=False).input_ids
+    n = len(ids)
+    r = I.Rollout(prompt=[1], completion=list(ids), self_certainty=0.0, entropy=0.0, truncated=True,
+                  token_certainty=torch.arange(n, dtype=torch.float32), token_entropy=torch.ones(n),
+                  token_logp=-torch.ones(n))  # fmt: skip
+    I.cut_at_stop([r], tokenizer, I.PLAIN_STOP)
+    text = tokenizer.decode(r.completion)
+    assert text.endswith("Question:") and "7 * 6" not in text and not r.truncated
+    k = len(r.completion)
+    assert r.token_certainty.tolist() == list(range(k)) and r.self_certainty == pytest.approx((k - 1) / 2)
+    ones = torch.ones(5)
+    unchanged = I.Rollout(prompt=[1], completion=list(ids[:5]), self_certainty=1.0, entropy=1.0, truncated=False,
+                          token_certainty=ones, token_entropy=ones, token_logp=ones)  # fmt: skip
+    I.cut_at_stop([unchanged], tokenizer, I.PLAIN_STOP)
+    assert len(unchanged.completion) == 5  # no stop string: EOS or the budget ends it, as before
+
+
+def test_plain_format_trains_and_evaluates(tiny_dir, tmp_path):
+    from test_intuitor import small_run
+
+    small_run(tiny_dir, tmp_path / "run", "--max_steps", "1", "--save_steps", "0", "--prompt_format", "plain")
+    out = tmp_path / "e.jsonl"
+    p = script("eval.py", "--model", tiny_dir, "--benchmark", "arithmetic", "--limit", "2", "--max_new_tokens", "4",
+               "--prompt_format", "plain", "--output", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(open(str(out).replace(".jsonl", ".summary.json")).read())["prompt_format"] == "plain"
