@@ -237,10 +237,10 @@ def stop_token_ids(tokenizer, policy):
 # Self-certainty (paper Sec. 3): how far each next-token distribution is from uniform, KL(U || p).
 # - Its -log|V| term is the same constant for every token of every completion, so it cancels in the advantage
 #   (r - mean_G), as any constant shared by a group does; it only makes a uniform distribution score 0.
-# - KL(U || p) rather than entropy: entropy, KL(p || U) up to the same constant, is dominated by the tokens p
-#   makes likely, while KL(U || p) = -log|V| - mean_j log p_j weighs every token of the vocabulary alike and so
-#   rewards pushing mass off the implausible tail; the paper finds it less prone to reward length-hacking
-#   (its Sec. 3, after Kang et al. 2025). Entropy is in ablations.py (neg_entropy) for comparison.
+# - KL(U || p) rather than entropy: entropy, log|V| - KL(p || U), is dominated by the tokens p makes likely,
+#   while KL(U || p) = -log|V| - mean_j log p_j weighs every token of the vocabulary alike, so it rewards moving
+#   mass off the implausible tail; the paper (Sec. 3, after Kang et al. 2025) argues that this makes it less
+#   biased toward longer generations than entropy. Entropy is in ablations.py (neg_entropy), for comparison.
 def certainty_from(lse, mean_logit, vocab_size):
     """Self-certainty from two statistics of the logits z: KL(U || softmax(z)) = logsumexp(z) - mean(z) - log|V|;
     zero for a uniform distribution, positive otherwise. The one definition: the sampler feeds it full logits,
