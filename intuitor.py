@@ -413,15 +413,13 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
 def cut_at_stop(rollouts, tokenizer, stop):
     """Each completion whose text holds `stop` is cut after the token that completes it, as if that token were
     a stop token: not truncated, its per-token values and their means those of the tokens kept (the plain
-    prompt format's end of an answer, PLAIN_STOP). The text is decoded one token at a time, so that a
-    character offset maps back to a token."""
+    prompt format's end of an answer, PLAIN_STOP), found in the text decoded token by token."""
     for r in rollouts:
-        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in r.completion]
-        at = "".join(pieces).find(stop)
+        text, ends = tasks.decoded_tokens(tokenizer, r.completion)
+        at = text.find(stop)
         if at < 0:
             continue
-        ends = torch.tensor([len(p) for p in pieces]).cumsum(0)  # each token's end offset in the text
-        n = int((ends < at + len(stop)).sum()) + 1  # tokens up to the one holding the stop string's last character
+        n = sum(end < at + len(stop) for end in ends) + 1  # tokens up to the one holding its last character
         r.completion, r.truncated = r.completion[:n], False
         r.token_certainty, r.token_entropy, r.token_logp = (x[:n] for x in (r.token_certainty, r.token_entropy,
                                                                             r.token_logp))  # fmt: skip

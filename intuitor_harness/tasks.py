@@ -138,16 +138,23 @@ def answer_span(completion, answer_format):
     return numbers[-1].span() if numbers else None
 
 
+def decoded_tokens(tokenizer, ids):
+    """(text, ends): the ids decoded one token at a time and joined, and each token's end offset in that text,
+    so that a character offset maps back to a token."""
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    return "".join(pieces), list(itertools.accumulate(map(len, pieces)))
+
+
 def answer_token_span(tokenizer, completion, answer_format):
     """[start, end) token indices of the completion's final answer (answer_span: the last \\boxed{} content, or
     the last number with answer_format "number"), or None. The text is decoded one token at a time so that
     character offsets map back to tokens; a token counts when any of its characters falls inside the answer."""
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in completion]
-    span = answer_span("".join(pieces), answer_format)
+    text, ends = decoded_tokens(tokenizer, completion)
+    span = answer_span(text, answer_format)
     if span is None:
         return None
-    ends = list(itertools.accumulate(map(len, pieces)))  # each token's end offset in the text
-    inside = [k for k, (end, piece) in enumerate(zip(ends, pieces)) if end - len(piece) < span[1] and end > span[0]]
+    starts = [0, *ends[:-1]]
+    inside = [k for k, (start, end) in enumerate(zip(starts, ends)) if start < span[1] and end > span[0]]
     return (inside[0], inside[-1] + 1) if inside else None
 
 
