@@ -184,8 +184,9 @@ def compare(paths):
     the same problem count and the same problems (index and text), else one error line."""
     if len(paths) < 1 or not all(os.path.isfile(p) for p in paths):
         die("usage: python eval.py compare BASE.jsonl [RUN.jsonl ...] (per-problem records written by eval.py)")
+    every_records = [read_records(path) for path in paths]  # each file checked as records, then its summary
     summaries = [read_summary(path) for path in paths]
-    base, base_summary = read_records(paths[0]), summaries[0]
+    base, base_summary = every_records[0], summaries[0]
     labels = [s.get("model") or path for s, path in zip(summaries, paths)]  # each side by its model
     if len(set(labels)) < len(labels):  # one model evaluated twice: its file tells them apart
         labels = [f"{label} ({os.path.basename(path)})" if s.get("model") else label
@@ -195,7 +196,7 @@ def compare(paths):
     )
     print("|---|---|---|---|---|---|---|")
     for i, path in enumerate(paths):
-        records, s = read_records(path), summaries[i]
+        records, s = every_records[i], summaries[i]
         if s["benchmark"] != base_summary["benchmark"]:
             die(f"{path} is {s['benchmark']}, {paths[0]} is {base_summary['benchmark']}; compare one benchmark")
         if len(records) != len(base):
