@@ -411,9 +411,10 @@ def sample(policy, prompts, num_generations, max_new_tokens, temperature, stop_i
 
 
 def cut_at_stop(rollouts, tokenizer, stop):
-    """Each completion whose text holds `stop` is cut after the token that completes it, as if that token were
-    a stop token: not truncated, its per-token values and their means those of the tokens kept (the plain
-    prompt format's end of an answer, PLAIN_STOP), found in the text decoded token by token."""
+    """Each completion whose text holds `stop` (PLAIN_STOP, the plain prompt format's end of an answer) is cut
+    after the token that completes it, as if that token were a stop token: not truncated, and its per-token
+    values and their means are those of the tokens kept. The text is decoded token by token
+    (tasks.decoded_tokens), so that the stop string's offset maps back to a token."""
     for r in rollouts:
         text, ends = tasks.decoded_tokens(tokenizer, r.completion)
         at = text.find(stop)
